@@ -1,0 +1,1 @@
+"""AgentTuning on Ray: Ray jobs (data, train, collect, eval, run)."""

@@ -1,0 +1,1 @@
+"""AgentTuning on Ray: Ray Serve applications (model, EFT, environments, rollouts)."""
