@@ -1,0 +1,377 @@
+"""Serve deployment: OpenAI-compatible chat completions over a Hugging Face causal LM.
+
+Backends (``serve.backend``):
+- ``hf`` (default, always works, CPU or GPU): :class:`HFBackend` — a transformers model driven by
+  :class:`BatchingEngine`, an iteration-level (continuous) batching scheduler: new requests are
+  prefilled as they arrive and merged into the running batch between decode steps, finished ones
+  leave it at once, so a long answer never holds a short one back. ``max_batch_size: 1`` turns
+  batching off (one request at a time), which the throughput benchmark uses as its baseline.
+- ``vllm``: :class:`VLLMBackend` over vLLM's async engine, when ``vllm`` is importable (GPU
+  clusters). ``auto`` picks vLLM when importable and a GPU is visible, else HF.
+
+Both plug into the shared OpenAI layer (``serve.openai_api``). Placement (CPUs/GPUs per replica)
+and autoscaling come from the ``serve`` config section (see ``serve.app``).
+"""
+
+import logging
+import os
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
+
+from ray import serve
+
+from serve.openai_api import OpenAIChat, SamplingParams, ServerSettings, build_openai_app, complete
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- batching engine
+
+
+@dataclass
+class _Request:
+    prompt: List[int]
+    params: SamplingParams
+    out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: Any = None  # torch.Generator for sampled requests
+    n_out: int = 0
+
+
+class BatchingEngine:
+    """Continuous batching over a HF causal LM with a per-request KV cache row.
+
+    State of the running batch: per layer K/V tensors [B, H, T, D] left-padded to a common T, a
+    padding mask [B, T] and each row's next position id. One scheduler thread owns the model.
+    """
+
+    def __init__(self, model: Any, eos_ids: List[int], max_batch_size: int = 8, batch_wait_s: float = 0.005,
+                 max_context: Optional[int] = None):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.eos = set(int(e) for e in eos_ids)
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait_s = batch_wait_s
+        self.max_context = max_context
+        self.waiting: "queue.Queue[_Request]" = queue.Queue()
+        self.active: List[_Request] = []
+        self.kv: List[tuple] = []  # per layer (K, V): [B, H, T, D]
+        self.mask = None  # [B, T] long, 1 = real token
+        self.next_pos = None  # [B] long
+        self.last_tok = None  # [B] long
+        self.steps = 0  # forward passes (decode steps), for stats
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
+        self._thread.start()
+
+    # -- public
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
+        """Blocking iterator of generated token ids (see ``serve.openai_api.Backend``)."""
+        req = _Request(list(prompt_ids), params)
+        if not params.greedy:
+            req.generator = self.torch.Generator(device=self.device)
+            req.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        self.waiting.put(req)
+        try:
+            while True:
+                item = req.out.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            req.cancelled.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.waiting.put(None)  # type: ignore[arg-type]  # wake the loop
+        self._thread.join(timeout=10)
+
+    # -- scheduler
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            new: List[_Request] = []
+            try:
+                new = self._admit()
+                if new:
+                    self._prefill(new)
+                if self.active:
+                    self._decode()
+            except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving others
+                log.exception("batching engine step failed")
+                for r in self.active + [r for r in new if r not in self.active]:
+                    r.out.put(exc)
+                self._reset()
+
+    def _admit(self) -> List[_Request]:
+        room = self.max_batch_size - len(self.active)
+        new: List[_Request] = []
+        if room <= 0:
+            return new
+        while len(new) < room:
+            try:
+                if not self.active and not new:
+                    req = self.waiting.get()  # idle: sleep until work arrives
+                elif new:
+                    req = self.waiting.get(timeout=self.batch_wait_s)  # a burst: prefill it together
+                else:
+                    req = self.waiting.get_nowait()  # busy: never stall the running batch
+            except queue.Empty:
+                break
+            if req is None:  # close()
+                break
+            if req.cancelled.is_set():
+                continue
+            new.append(req)
+        return new
+
+    def _reset(self) -> None:
+        self.active, self.kv, self.mask, self.next_pos, self.last_tok = [], [], None, None, None
+
+    def _forward(self, input_ids, mask, positions, kv):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+        with self.torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1)
+        new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        return out.logits[:, -1, :].float(), new_kv  # [B, V]
+
+    def _prefill(self, new: List[_Request]) -> None:
+        torch = self.torch
+        lens = [len(r.prompt) for r in new]
+        t_new = max(lens)
+        ids = torch.full((len(new), t_new), 0, dtype=torch.long)
+        mask = torch.zeros((len(new), t_new), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, t_new - lens[i]:] = torch.tensor(r.prompt)
+            mask[i, t_new - lens[i]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        logits, kv = self._forward(ids, mask, pos, None)
+        next_pos = torch.tensor(lens, device=self.device)
+        if self.active:  # merge into the running batch: left-pad the shorter side to a common T
+            t_old = self.mask.shape[1]
+            t = max(t_old, t_new)
+            self.kv = [(torch.cat([_lpad(k0, t), _lpad(k1, t)]), torch.cat([_lpad(v0, t), _lpad(v1, t)]))
+                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            self.mask = torch.cat([_lpad(self.mask, t), _lpad(mask, t)])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.last_tok = torch.cat([self.last_tok, torch.zeros(len(new), dtype=torch.long, device=self.device)])
+        else:
+            self.kv, self.mask, self.next_pos = kv, mask, next_pos
+            self.last_tok = torch.zeros(len(new), dtype=torch.long, device=self.device)
+        offset = len(self.active)
+        self.active.extend(new)
+        self._sample_and_emit(logits, range(offset, offset + len(new)), first=offset)
+
+    def _decode(self) -> None:
+        torch = self.torch
+        b = len(self.active)
+        mask = torch.cat([self.mask, torch.ones((b, 1), dtype=self.mask.dtype, device=self.device)], dim=1)
+        logits, self.kv = self._forward(self.last_tok[:, None], mask, self.next_pos[:, None], self.kv)
+        self.mask = mask
+        self.next_pos = self.next_pos + 1
+        self.steps += 1
+        self._sample_and_emit(logits, range(b))
+
+    def _sample_and_emit(self, logits, rows, first: int = 0) -> None:
+        """Pick the next token of each row in ``rows`` (logits row ``i - first``); emit or finish."""
+        torch = self.torch
+        done = []
+        for i in rows:
+            req = self.active[i]
+            tok = _sample(torch, logits[i - first], req.params, req.generator)
+            self.last_tok[i] = tok
+            full = self.max_context is not None and int(self.next_pos[i]) + 1 >= self.max_context
+            if req.cancelled.is_set() or tok in self.eos:
+                done.append(i)
+                continue
+            req.out.put(tok)
+            req.n_out += 1
+            if req.n_out >= req.params.max_tokens or full:
+                done.append(i)
+        if done:
+            self._drop(done)
+
+    def _drop(self, rows: List[int]) -> None:
+        torch = self.torch
+        for i in rows:
+            self.active[i].out.put(None)
+        keep = [i for i in range(len(self.active)) if i not in set(rows)]
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.active = [self.active[i] for i in keep]
+        mask = self.mask.index_select(0, idx)
+        # Columns that are padding in every remaining row carry nothing: cut them.
+        first = int((mask.sum(0) > 0).nonzero()[0])
+        self.mask = mask[:, first:]
+        self.kv = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in self.kv]
+        self.next_pos = self.next_pos.index_select(0, idx)
+        self.last_tok = self.last_tok.index_select(0, idx)
+
+
+def _lpad(x, t: int):
+    """Left-pad dim 1 (mask [B, T]) or dim 2 (K/V [B, H, T, D]) with zeros up to length t."""
+    import torch
+
+    dim = 1 if x.dim() == 2 else 2
+    missing = t - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+def _sample(torch, logits, params: SamplingParams, generator) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top_p) sampling. logits: [V]."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(-1) - sp < params.top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _resolve_dtype(torch, name: str, device: str):
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+class HFBackend:
+    """A transformers model + tokenizer behind :class:`BatchingEngine` (the default backend)."""
+
+    def __init__(self, name_or_path: str, model_id: Optional[str] = None, chat_template: str = "llama2",
+                 dtype: str = "auto", device: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.005,
+                 trust_remote_code: bool = False, torch_threads: Optional[int] = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from pipelines.chat import load_tokenizer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_id = model_id or os.path.basename(os.path.normpath(name_or_path))
+        self.tokenizer = load_tokenizer(name_or_path, chat_template, trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=_resolve_dtype(torch, dtype, device), trust_remote_code=trust_remote_code
+        ).to(device).eval()
+        self.max_model_tokens = getattr(self.model.config, "max_position_embeddings", None)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self.engine = BatchingEngine(self.model, eos_ids, max_batch_size, batch_wait_s, self.max_model_tokens)
+        log.info("HF backend %s on %s (batch %d)", self.model_id, device, max_batch_size)
+
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
+        return self.engine.generate(prompt_ids, params)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMBackend:
+    """vLLM's async engine (continuous batching, paged attention) behind the same protocol."""
+
+    def __init__(self, name_or_path: str, model_id: Optional[str] = None, chat_template: str = "llama2",
+                 dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 trust_remote_code: bool = False, **_: Any):
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError as exc:
+            raise RuntimeError("serve.backend=vllm but vllm is not installed; use serve.backend=hf") from exc
+        from pipelines.chat import load_tokenizer
+
+        self.model_id = model_id or os.path.basename(os.path.normpath(name_or_path))
+        self.tokenizer = load_tokenizer(name_or_path, chat_template, trust_remote_code)
+        args = AsyncEngineArgs(model=name_or_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+        self.engine = AsyncLLMEngine.from_engine_args(args)
+        self.max_model_tokens = None
+
+    async def generate(self, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[int]:
+        from vllm import SamplingParams as VSP
+
+        sp = VSP(max_tokens=params.max_tokens, temperature=params.temperature,
+                 top_p=params.top_p if not params.greedy else 1.0, seed=params.seed)
+        rid = uuid.uuid4().hex
+        sent = 0
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, rid):
+                toks = out.outputs[0].token_ids  # cumulative
+                for t in toks[sent:]:
+                    if t == self.tokenizer.eos_token_id:
+                        return
+                    yield int(t)
+                sent = len(toks)
+        finally:
+            await self.engine.abort(rid)
+
+
+def make_backend(s: Dict[str, Any], model: Dict[str, Any]) -> Any:
+    """Backend from the ``serve`` and ``model`` config sections (plain dicts)."""
+    choice = s.get("backend", "hf")
+    if choice == "auto":
+        import torch
+
+        choice = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    common = dict(name_or_path=model["name_or_path"], model_id=s.get("model_id"),
+                  chat_template=model.get("chat_template", "llama2"), dtype=model.get("dtype", "auto"),
+                  trust_remote_code=model.get("trust_remote_code", False))
+    if choice == "vllm":
+        return VLLMBackend(**common, tensor_parallel_size=s.get("tensor_parallel_size", 1))
+    return HFBackend(**common, device=s.get("device", "auto"), max_batch_size=s.get("max_batch_size", 8),
+                     batch_wait_s=s.get("batch_wait_s", 0.005), torch_threads=s.get("torch_threads"))
+
+
+def server_settings(s: Dict[str, Any], model: Dict[str, Any], backend: Any) -> ServerSettings:
+    max_tokens = s.get("max_model_tokens") or getattr(backend, "max_model_tokens", None)
+    return ServerSettings(system_prompt=model.get("system_prompt"), default_max_tokens=s.get("default_max_tokens", 256),
+                          max_model_tokens=max_tokens, aliases=list(s.get("aliases", [])))
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress()
+class LLMServer:
+    """OpenAI-compatible model server (HTTP ingress + ``chat`` method for Serve handles)."""
+
+    def __init__(self, serve_cfg: Dict[str, Any], model_cfg: Dict[str, Any]):
+        self.backend = make_backend(serve_cfg, model_cfg)
+        self.chat_api = OpenAIChat(self.backend, server_settings(serve_cfg, model_cfg, self.backend))
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(self.backend, self.chat_api.settings)
+
+    async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """A chat completion request dict → response dict (or an OpenAI error body)."""
+        return await complete(self.chat_api, body)
+
+    def model_id(self) -> str:
+        return self.backend.model_id
