@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -121,6 +122,18 @@ class Task:
     id: str
     data: Any
     split: str = "dev"
+
+
+def data_file(relpath: str) -> str:
+    """Default task file: ``$AGENTTUNING_DATA_DIR/<relpath>``, else ``../shared/data/<relpath>``
+    beside the checkout (the real AgentBench files); EnvError naming both when absent."""
+    roots = [os.environ.get("AGENTTUNING_DATA_DIR", ""),
+             os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")]
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, relpath)):
+            return os.path.abspath(os.path.join(root, relpath))
+    raise EnvError(f"no task file given and {relpath} not found under $AGENTTUNING_DATA_DIR "
+                   f"or ../shared/data; pass path=...")
 
 
 def truncate(text: str, limit: Optional[int]) -> str:

@@ -1,0 +1,261 @@
+"""DBBench (AgentBench) as an environment: one table per task, MySQL-style SQL, two backends.
+
+Task file: AgentBench's DBBench jsonl, unchanged (``dbbench_dev.jsonl`` / ``standard.jsonl``).
+Each record describes one table (``table.table_info`` columns and rows, all TEXT) and asks a
+question (``description`` + ``add_description``). Agent turns follow AgentBench:
+``Action: Operation`` + one statement in a ```sql block, or ``Action: Answer`` +
+``Final Answer: [...]``. Scoring:
+
+* SELECT-type records: the final answer against ``label`` — element-wise float compare when both
+  parse as numbers, else exact string compare; lists compared as sets.
+* INSERT/UPDATE/DELETE records: AgentBench's table hash after the agent answers, against
+  ``answer_md5`` (see ``db_backends.table_hash_from_rows``).
+
+The scripted expert plays the gold statement (``label`` of INSERT/UPDATE records) or, for
+SELECT records, runs ``sql.query`` when that query runs and then answers ``label``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import re
+from typing import Any, Dict, List, Optional
+
+from serve.envs import db_backends
+from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, register
+
+log = logging.getLogger(__name__)
+
+# AgentBench's DBBench instruction (src/server/tasks/dbbench), sent as the first user turn.
+DB_PROMPT = """
+I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
+You have to explain the problem and your solution to me and write down your thoughts.
+After thinking and explaining thoroughly, every round you can choose to operate or to answer.
+your operation should be like this:
+Action: Operation
+```sql
+SELECT * FROM table WHERE condition;
+```
+You MUST put SQL in markdown format without any other comments. Your SQL should be in one line.
+Every time you can only execute one SQL statement. I will only execute the statement in the first SQL code block. Every time you write a SQL, I will execute it for you and give you the output.
+If you are done operating, and you want to commit your final answer, then write down:
+Action: Answer
+Final Answer: ["ANSWER1", "ANSWER2", ...]
+DO NOT write this pattern unless you are sure about your answer. I expect an accurate and correct answer.
+Your answer should be accurate. Your answer must be exactly the same as the correct answer.
+If the question is about modifying the database, then after done operation, your answer field can be anything.
+If your response cannot match any pattern I mentioned earlier, you will be judged as FAIL immediately.
+Your input will be raw MySQL response, you have to deal with it by yourself.
+"""
+
+INVALID_FEEDBACK = ("Your response cannot match any pattern: write 'Action: Operation' followed by "
+                    "one SQL statement in a ```sql block, or 'Action: Answer' followed by "
+                    "'Final Answer: [...]'.")
+MODIFY_TYPES = ("INSERT", "UPDATE", "DELETE")
+OBS_LIMIT = 800  # AgentBench truncates MySQL output at 800 characters
+
+_ACTION = re.compile(r"Action:\s*(Operation|Answer)\b", re.I)
+_SQL = re.compile(r"```sql\s*(.*?)```", re.S | re.I)
+_FINAL = re.compile(r"Final Answer:\s*(.*)", re.S)
+
+
+def parse_answer(text: str) -> List[str]:
+    """``Final Answer:`` payload as a list of strings (a Python/JSON list, or one bare value)."""
+    text = text.strip()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return [text]
+    if isinstance(value, (list, tuple, set)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _as_float(s: str) -> Optional[float]:
+    try:
+        f = float(str(s).strip())
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def answers_match(answer: List[str], label: List[Any]) -> bool:
+    """AgentBench's comparison: floats numerically, others exactly; lists as sets."""
+
+    def norm(v: Any) -> Any:
+        f = _as_float(v)
+        return round(f, 6) if f is not None else str(v).strip()
+
+    return {norm(a) for a in answer} == {norm(g) for g in label}
+
+
+def _one_line(sql: str) -> str:
+    return re.sub(r"\s+", " ", sql).strip()
+
+
+@register("dbbench")
+@register("db")
+class DBEnv(Env):
+    """AgentBench DBBench. Options: ``backend`` (auto|mariadb|sqlite), ``statement_timeout`` (s)."""
+
+    default_max_turns = 15
+
+    def __init__(self, path: Optional[str] = None, *, backend: str = "auto",
+                 statement_timeout: float = 5.0, split: str = "dev", **options: Any) -> None:
+        self.split_name = split
+        super().__init__(path, **options)
+        self.backend = db_backends.get_backend(backend, statement_timeout)
+        self.edb: Any = None  # the running episode's database
+
+    # ------------------------------------------------------------------ tasks
+
+    def load_tasks(self, path: Optional[str]) -> List[Task]:
+        path = path or data_file("agentbench/dbbench_dev.jsonl")
+        tasks: List[Task] = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except OSError as exc:
+            raise EnvError(f"db: cannot read task file {path}: {exc}") from None
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            tid = str(len(tasks))  # AgentBench's index: the record's position in the file
+            try:
+                rec = json.loads(line)
+                problem = self._check_record(rec)
+            except json.JSONDecodeError as exc:
+                problem = f"line {i + 1} is not JSON: {exc}"
+            if problem:
+                self.skip(tid, problem)
+                tasks.append(Task(tid, None, self.split_name))
+            else:
+                tasks.append(Task(tid, rec, self.split_name))
+        return tasks
+
+    @staticmethod
+    def _check_record(rec: Any) -> Optional[str]:
+        """Why a record cannot run, or None."""
+        if not isinstance(rec, dict):
+            return "record is not an object"
+        for key in ("description", "table", "label"):
+            if key not in rec:
+                return f"missing field '{key}'"
+        table = rec["table"]
+        if not isinstance(table, dict) or "table_name" not in table or "table_info" not in table:
+            return "field 'table' needs 'table_name' and 'table_info'"
+        info = table["table_info"]
+        if not isinstance(info, dict) or not isinstance(info.get("columns"), list) or not info["columns"]:
+            return "field 'table.table_info.columns' missing or empty"
+        if any(not isinstance(c, dict) or "name" not in c for c in info["columns"]):
+            return "a column in 'table.table_info.columns' has no 'name'"
+        ncol = len(info["columns"])
+        rows = info.get("rows", [])
+        if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != ncol for r in rows):
+            return f"field 'table.table_info.rows' must be a list of rows with {ncol} values"
+        if _task_type(rec) in MODIFY_TYPES and "answer_md5" not in rec:
+            return f"{_task_type(rec)} record without 'answer_md5'"
+        return None
+
+    # ------------------------------------------------------------------ episode
+
+    def start(self, task: Task) -> List[Dict[str, Any]]:
+        rec = task.data
+        raw = [str(c["name"]) for c in rec["table"]["table_info"]["columns"]]
+        cols = _column_names(raw)
+        self.edb = self.backend.open(rec["table"]["table_name"], cols, rec["table"]["table_info"].get("rows", []))
+        add = rec.get("add_description") if cols == raw else None
+        add = add or (f"The name of this table is {rec['table']['table_name']}, and the headers of "
+                      f"this table are {','.join(cols)}.")
+        return [
+            {"role": "user", "content": DB_PROMPT},
+            {"role": "assistant", "content": "Ok.", "loss": False},
+            {"role": "user", "content": f"{rec['description']}\n{add}"},
+        ]
+
+    def act(self, action: str) -> StepResult:
+        m = _ACTION.search(action)
+        if not m:
+            raise InvalidFormat(INVALID_FEEDBACK)
+        info = {"backend": self.backend.name}
+        if m.group(1).lower() == "operation":
+            sql = _SQL.search(action, m.end())
+            if not sql or not sql.group(1).strip():
+                raise InvalidFormat(INVALID_FEEDBACK)
+            out = self.edb.execute(_one_line(sql.group(1)))
+            if len(out) > OBS_LIMIT:
+                out = out[:OBS_LIMIT] + "[TRUNCATED]"
+            return StepResult(out, info=info)
+        final = _FINAL.search(action, m.end())
+        if not final:
+            raise InvalidFormat(INVALID_FEEDBACK)
+        rec = self.current.data
+        if _task_type(rec) in MODIFY_TYPES:
+            got = self.edb.table_hash()
+            ok = got == rec["answer_md5"]
+            info.update(answer=got, expected=rec["answer_md5"])
+        else:
+            answer = parse_answer(final.group(1).strip().splitlines()[0] if final.group(1).strip() else "")
+            ok = answers_match(answer, rec["label"])
+            info.update(answer=answer, expected=rec["label"])
+        return StepResult("", reward=1.0 if ok else 0.0, done=True, info=info)
+
+    def expert_action(self) -> str:
+        if self.current is None:
+            raise EnvError("db: expert_action() needs a running episode")
+        rec = self.current.data
+        if self.turns == 0:
+            sql = self._expert_sql(rec)
+            if sql:
+                return f"I will run this statement on the table.\nAction: Operation\n```sql\n{sql}\n```"
+        if _task_type(rec) in MODIFY_TYPES:
+            return 'The table is updated.\nAction: Answer\nFinal Answer: ["none"]'
+        return f"I have the answer.\nAction: Answer\nFinal Answer: {json.dumps(rec['label'], ensure_ascii=False)}"
+
+    def _expert_sql(self, rec: Dict[str, Any]) -> Optional[str]:
+        if _task_type(rec) in MODIFY_TYPES:
+            label = rec.get("label") or []
+            return _one_line(label[0]) if label and isinstance(label[0], str) else None
+        query = (rec.get("sql") or {}).get("query") if isinstance(rec.get("sql"), dict) else None
+        if not query or not query.lstrip().lower().startswith("select"):
+            return None
+        try:  # read-only probe: only show the query when it runs on this table
+            self.edb.query(_one_line(query))
+        except Exception:  # noqa: BLE001 — any failure means "answer without the query"
+            return None
+        return _one_line(query)
+
+    def end_episode(self) -> None:
+        if self.edb is not None:
+            edb, self.edb = self.edb, None
+            edb.close()
+
+    def spawn(self) -> "DBEnv":
+        other = super().spawn()
+        other.edb = None
+        return other  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        db_backends.shutdown_backends()
+
+
+def _column_names(names: List[str]) -> List[str]:
+    """Names MySQL accepts: no empty or space-padded names (one dev record has a '' column,
+    which MySQL rejects), no case-insensitive duplicates."""
+    out: List[str] = []
+    for i, name in enumerate(names):
+        name = name.strip() or f"column_{i + 1}"
+        base, k = name, 2
+        while name.lower() in (o.lower() for o in out):
+            name, k = f"{base}_{k}", k + 1
+        out.append(name[:64])
+    return out
+
+
+def _task_type(rec: Dict[str, Any]) -> str:
+    t = rec.get("type")
+    t = t[0] if isinstance(t, list) and t else t
+    return str(t or "SELECT").upper()

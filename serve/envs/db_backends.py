@@ -1,0 +1,531 @@
+"""SQL backends of the DB environment: a project-owned MariaDB server, and SQLite + sqlglot.
+
+Both give each episode a fresh database holding one table (every column TEXT, as AgentBench
+builds it), run the agent's statements with a time limit, format results and errors the way
+AgentBench's MySQL client shows them (``str(cursor.fetchall())``, ``"1064 (42000): ..."``),
+and compute AgentBench's table hash for INSERT/UPDATE/DELETE scoring.
+
+MariaDB (default when ``mariadbd`` is installed): one server per owning process, started on a
+private unix socket (``--skip-networking``: no TCP port), its own datadir in a temp directory,
+MySQL 8's strict sql_mode and ``group_concat_max_len=1024`` (so hashes match MySQL's). Each
+episode gets its own database and a user that can touch only that database, with a per-user
+statement time limit. A watchdog shell stops the server when the owning process dies, so a
+crash never leaves a server behind.
+
+SQLite (fallback, zero install): in-memory database per episode; the agent's MySQL dialect is
+transpiled by sqlglot; ``col <op> number`` comparisons are rewritten to compare numerically
+(MySQL compares a TEXT column with a number as numbers); columns use ``COLLATE NOCASE`` (MySQL's
+default collation is case-insensitive). An authorizer forbids ATTACH/PRAGMA and extension
+loading; VACUUM (``VACUUM INTO`` writes a file) is refused; a progress handler enforces the time
+limit. Remaining differences are listed in docs/environments.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+MAX_FETCH_ROWS = 1000  # rows read back per statement; the observation is truncated anyway
+MYSQL8_SQL_MODE = ("ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,"
+                   "ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION")
+# SQLSTATE of common server errors (pymysql drops it; AgentBench's client prints it).
+_SQLSTATE = {1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1060: "42S21",
+             1062: "23000", 1064: "42000", 1136: "21S01", 1142: "42000", 1146: "42S02",
+             1227: "42000", 1264: "22003", 1292: "22007", 1366: "HY000", 1969: "70100"}
+
+
+class BackendError(RuntimeError):
+    """The backend itself is unusable (server failed to start, ...)."""
+
+
+def table_hash_from_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """AgentBench's INSERT/UPDATE/DELETE answer, computed in Python from the table's rows.
+
+    ``md5(group_concat(rowhash order by rowhash))`` over
+    ``rowhash = substring(md5(concat_ws(',', cols...)), 1, 5)``, MySQL's group_concat cut at
+    1024 bytes, printed as ``str(cursor.fetchall())``.
+    """
+    hashes = sorted(
+        hashlib.md5(",".join(str(v) for v in row if v is not None).encode()).hexdigest()[:5]
+        for row in rows
+    )
+    if not hashes:
+        return "[(None,)]"  # md5(NULL) over an empty table
+    joined = ",".join(hashes)[:1024]
+    return str([(hashlib.md5(joined.encode()).hexdigest(),)])
+
+
+def format_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """What AgentBench shows the agent: ``str(cursor.fetchall())``."""
+    return str([tuple(r) for r in rows])
+
+
+def quote_ident(name: str, quote: str = "`") -> str:
+    return quote + name.replace(quote, quote * 2) + quote
+
+
+# ============================================================================ MariaDB
+
+
+def _watchdog_script(argv: List[str], parent: int) -> str:
+    """A shell that runs mariadbd and stops it when ``parent`` dies or the shell is told to."""
+    cmd = " ".join("'" + a.replace("'", "'\\''") + "'" for a in argv)
+    return (f"{cmd} & child=$!\n"
+            "trap 'kill -TERM $child 2>/dev/null; wait $child; exit 0' TERM INT\n"
+            f"while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 1 & wait $!; done\n"
+            "kill -TERM $child 2>/dev/null; wait $child\n")
+
+
+class MariaDBServer:
+    """A private mariadbd: own datadir and unix socket, no TCP, stopped with its owner."""
+
+    def __init__(self, root: Optional[str] = None, statement_timeout: float = 5.0) -> None:
+        self.mariadbd = shutil.which("mariadbd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/libexec")
+        self.install_db = shutil.which("mariadb-install-db")
+        if not self.mariadbd or not self.install_db:
+            raise BackendError("mariadb-server is not installed (apt-get install mariadb-server)")
+        self.statement_timeout = statement_timeout
+        # A short path: unix socket paths are limited to ~107 bytes.
+        self.dir = tempfile.mkdtemp(prefix="agtdb-", dir=root)
+        os.chmod(self.dir, 0o700)  # only our OS user may reach the socket
+        self.socket = os.path.join(self.dir, "mysqld.sock")
+        self.proc: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 60.0) -> "MariaDBServer":
+        t0 = time.monotonic()
+        data, files = os.path.join(self.dir, "data"), os.path.join(self.dir, "files")
+        os.makedirs(files)
+        common = ["--no-defaults", f"--datadir={data}", "--innodb-log-file-size=8M",
+                  "--innodb-buffer-pool-size=32M"]
+        user = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root without it
+        proc = subprocess.run(
+            [self.install_db, *common, *user, "--auth-root-authentication-method=normal",
+             "--skip-test-db", "--skip-name-resolve"],
+            capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise BackendError(f"mariadb-install-db failed: {proc.stdout[-800:]}{proc.stderr[-800:]}")
+        argv = [self.mariadbd, *common, *user, f"--socket={self.socket}", "--skip-networking",
+                f"--pid-file={os.path.join(self.dir, 'mysqld.pid')}",
+                f"--log-error={os.path.join(self.dir, 'error.log')}",
+                f"--secure-file-priv={files}", f"--sql-mode={MYSQL8_SQL_MODE}",
+                "--group-concat-max-len=1024", "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_general_ci", "--performance-schema=OFF",
+                "--skip-log-bin", "--innodb-flush-log-at-trx-commit=0", "--innodb-flush-method=nosync",
+                "--innodb-doublewrite=0", "--sync-frm=0", "--max-connections=500",
+                "--skip-name-resolve", "--local-infile=0"]
+        self.proc = subprocess.Popen(["bash", "-c", _watchdog_script(argv, os.getpid())],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)
+        while True:
+            try:
+                self.connect().close()
+                break
+            except Exception as exc:  # noqa: BLE001 — retried until the server answers
+                if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                    err = self._error_log_tail()
+                    self.stop()
+                    raise BackendError(f"mariadbd did not start: {exc}; log: {err}") from None
+                time.sleep(0.2)
+        log.info("MariaDB started on %s in %.1fs", self.socket, time.monotonic() - t0)
+        return self
+
+    def _error_log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "error.log")) as f:
+                return f.read()[-1500:]
+        except OSError:
+            return "(no error log)"
+
+    def connect(self, user: str = "root", password: str = "", database: Optional[str] = None,
+                read_timeout: Optional[float] = None):
+        import pymysql  # imported here: the SQLite backend needs no MySQL client
+
+        return pymysql.connect(unix_socket=self.socket, user=user, password=password,
+                               database=database, autocommit=True, charset="utf8mb4",
+                               connect_timeout=10, read_timeout=read_timeout, ssl_disabled=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop the server and delete its datadir. Idempotent."""
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, 9)
+                    self.proc.wait(timeout=10)
+            self.proc = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MariaDBBackend:
+    """Per-episode databases on a shared MariaDBServer."""
+
+    name = "mariadb"
+
+    def __init__(self, statement_timeout: float = 5.0, root: Optional[str] = None) -> None:
+        self.statement_timeout = statement_timeout
+        self.server = MariaDBServer(root=root, statement_timeout=statement_timeout).start()
+        self._admin = self.server.connect()
+        self._admin_lock = threading.Lock()
+
+    def admin(self, sql: str, args: Any = None) -> List[tuple]:
+        with self._admin_lock:
+            try:
+                self._admin.ping(reconnect=True)
+            except Exception:  # noqa: BLE001 — a dead admin connection is simply replaced
+                self._admin = self.server.connect()
+            with self._admin.cursor() as cur:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+
+    def open(self, table: str, columns: List[str], rows: List[List[Any]]) -> "MariaDBEpisode":
+        return MariaDBEpisode(self, table, columns, rows)
+
+    def shutdown(self) -> None:
+        try:
+            self._admin.close()
+        except Exception:  # noqa: BLE001 — the server is going away anyway
+            pass
+        self.server.stop()
+
+
+def _mysql_error(exc: Exception) -> str:
+    """``"1064 (42000): You have an error ..."`` as mysql.connector (AgentBench) prints it."""
+    args = getattr(exc, "args", ())
+    if len(args) >= 2 and isinstance(args[0], int):
+        state = getattr(exc, "sqlstate", None) or _SQLSTATE.get(args[0], "HY000")
+        return f"{args[0]} ({state}): {args[1]}"
+    return str(exc)
+
+
+class MariaDBEpisode:
+    """One database + one restricted user + the agent's connection."""
+
+    def __init__(self, backend: MariaDBBackend, table: str, columns: List[str], rows: List[List[Any]]):
+        self.backend, self.table, self.columns = backend, table, columns
+        self.db = "ep_" + secrets.token_hex(6)
+        self.user, password = self.db, secrets.token_hex(16)
+        db, t = quote_ident(self.db), quote_ident(table)
+        backend.admin(f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+        try:
+            limit = float(backend.statement_timeout)
+            backend.admin(f"CREATE USER %s@'localhost' IDENTIFIED BY %s "
+                          f"WITH MAX_USER_CONNECTIONS 4 MAX_STATEMENT_TIME {limit}", (self.user, password))
+            backend.admin(f"GRANT ALL PRIVILEGES ON {db}.* TO %s@'localhost'", (self.user,))
+            cols = ", ".join(f"{quote_ident(c)} TEXT" for c in columns)
+            backend.admin(f"CREATE TABLE {db}.{t} ({cols})")
+            if rows:
+                marks = "(" + ", ".join(["%s"] * len(columns)) + ")"
+                with backend._admin_lock, backend._admin.cursor() as cur:
+                    cur.executemany(f"INSERT INTO {db}.{t} VALUES {marks}",
+                                    [[str(v) for v in r] for r in rows])
+            # Client-side backstop: the agent can lift its session's max_statement_time with
+            # SET, so a read timeout just above the limit kills and replaces the connection.
+            self.conn = backend.server.connect(self.user, password, self.db,
+                                               read_timeout=limit + 2)
+        except Exception:
+            self.close()
+            raise
+
+    def execute(self, sql: str) -> str:
+        """Run one statement as the agent; rows or the error text, never an exception."""
+        import pymysql
+
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql)
+                rows = cur.fetchmany(MAX_FETCH_ROWS) if cur.description else []
+            return format_rows(rows)
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] in (2013, 2006):  # our read timeout fired: kill, reconnect
+                self._reconnect()
+                if exc.args[0] == 2013:
+                    return "1969 (70100): Query execution was interrupted (max_statement_time exceeded)"
+            return _mysql_error(exc)
+        except pymysql.MySQLError as exc:
+            return _mysql_error(exc)
+
+    def _reconnect(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 — already broken
+            pass
+        for (pid,) in self.backend.admin(
+                "SELECT id FROM information_schema.processlist WHERE user = %s", (self.user,)):
+            self.backend.admin(f"KILL {int(pid)}")
+        password = secrets.token_hex(16)
+        self.backend.admin("ALTER USER %s@'localhost' IDENTIFIED BY %s", (self.user, password))
+        self.conn = self.backend.server.connect(self.user, password, self.db,
+                                                read_timeout=self.backend.statement_timeout + 2)
+
+    def table_hash(self) -> str:
+        """AgentBench's md5 query, run by the server itself (exact MySQL semantics)."""
+        cols = ", ".join(quote_ident(c) for c in self.columns)
+        sql = (f"SELECT md5(group_concat(rowhash ORDER BY rowhash)) AS hash FROM ("
+               f"SELECT substring(md5(concat_ws(',', {cols})), 1, 5) AS rowhash "
+               f"FROM {quote_ident(self.db)}.{quote_ident(self.table)}) AS sub")
+        try:
+            return format_rows(self.backend.admin(sql))
+        except Exception as exc:  # noqa: BLE001 — e.g. the agent dropped the table: no match
+            return _mysql_error(exc)
+
+    def query(self, sql: str) -> List[tuple]:
+        """Run a statement with the agent's rights; raises on error (used by the expert)."""
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchmany(MAX_FETCH_ROWS)) if cur.description else []
+
+    def close(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 — best effort
+                pass
+        for sql in (f"DROP DATABASE IF EXISTS {quote_ident(self.db)}", "DROP USER IF EXISTS %s@'localhost'"):
+            try:
+                self.backend.admin(sql, (self.user,) if "%s" in sql else None)
+            except Exception as exc:  # noqa: BLE001 — logged; the server is dropped at exit anyway
+                log.warning("db cleanup %s: %s", self.db, exc)
+
+
+# ============================================================================ SQLite
+
+_CMP = None  # sqlglot comparison node types, filled lazily (sqlglot import is not free)
+
+
+def _numeric_comparisons(tree):
+    """``col <op> 17`` → ``CAST(col AS REAL) <op> 17``: MySQL compares TEXT with a number numerically."""
+    from sqlglot import exp
+
+    def is_num(node) -> bool:
+        if isinstance(node, exp.Neg):
+            node = node.this
+        return isinstance(node, exp.Literal) and node.is_number
+
+    def cast(node):
+        return exp.Cast(this=node.copy(), to=exp.DataType.build("REAL"))
+
+    for node in list(tree.find_all(exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        if node.arg_key == "expressions" and isinstance(node.parent, exp.Update):
+            continue  # `SET col = 6` is an assignment, not a comparison
+        left, right = node.left, node.right
+        if isinstance(left, exp.Column) and is_num(right):
+            left.replace(cast(left))
+        elif isinstance(right, exp.Column) and is_num(left):
+            right.replace(cast(right))
+    for node in list(tree.find_all(exp.Between)):
+        if isinstance(node.this, exp.Column) and is_num(node.args["low"]) and is_num(node.args["high"]):
+            node.this.replace(cast(node.this))
+    for node in list(tree.find_all(exp.Sum)):  # MySQL's SUM over TEXT is a DOUBLE
+        node.replace(exp.Anonymous(this="mysql_sum", expressions=[node.this.copy()]))
+    for node in list(tree.find_all(exp.In)):
+        exprs = node.args.get("expressions") or []
+        if isinstance(node.this, exp.Column) and exprs and all(is_num(e) for e in exprs):
+            node.this.replace(cast(node.this))
+    return tree
+
+
+_SHOW_TABLES = re.compile(r"^\s*show\s+(full\s+)?tables\b", re.I)
+_DESCRIBE = re.compile(r"^\s*(?:describe|desc|explain|show\s+(?:full\s+)?(?:columns|fields)\s+from)\s+"
+                       r"(`[^`]+`|\"[^\"]+\"|\S+)\s*;?\s*$", re.I)
+_FORBIDDEN = re.compile(r"^\s*(vacuum|attach|detach|pragma)\b", re.I)
+
+
+def transpile_mysql(sql: str) -> str:
+    """The agent's MySQL statement as SQLite SQL; raises ValueError with a parse message."""
+    import sqlglot
+    from sqlglot.errors import ParseError
+
+    try:
+        trees = [t for t in sqlglot.parse(sql, read="mysql") if t is not None]
+    except ParseError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    if len(trees) != 1:
+        raise ValueError("exactly one SQL statement expected")
+    return _numeric_comparisons(trees[0]).sql(dialect="sqlite")
+
+
+def _concat_ws(sep, *args):
+    return None if sep is None else str(sep).join(str(a) for a in args if a is not None)
+
+
+class _MySQLSum:
+    """SUM as MySQL computes it over TEXT: strings become doubles; NULL when no rows."""
+
+    def __init__(self) -> None:
+        self.total: Optional[float] = None
+
+    def step(self, value: Any) -> None:
+        if value is None:
+            return
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            m = re.match(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", str(value))
+            v = float(m.group(0)) if m else 0.0  # MySQL takes the numeric prefix, else 0
+        self.total = v if self.total is None else self.total + v
+
+    def finalize(self) -> Optional[float]:
+        return self.total
+
+
+def _md5(x):
+    return None if x is None else hashlib.md5(str(x).encode()).hexdigest()
+
+
+class SQLiteBackend:
+    """In-memory SQLite per episode (no server)."""
+
+    name = "sqlite"
+
+    def __init__(self, statement_timeout: float = 5.0) -> None:
+        self.statement_timeout = statement_timeout
+
+    def open(self, table: str, columns: List[str], rows: List[List[Any]]) -> "SQLiteEpisode":
+        return SQLiteEpisode(self, table, columns, rows)
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+class SQLiteEpisode:
+    def __init__(self, backend: SQLiteBackend, table: str, columns: List[str], rows: List[List[Any]]):
+        self.backend, self.table, self.columns = backend, table, columns
+        self.conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA temp_store = MEMORY")  # sorts of big joins never touch disk
+        for name, n, fn in (("md5", 1, _md5), ("concat_ws", -1, _concat_ws)):
+            self.conn.create_function(name, n, fn, deterministic=True)
+        self.conn.create_aggregate("mysql_sum", 1, _MySQLSum)
+        cols = ", ".join(f"{quote_ident(c, chr(34))} TEXT COLLATE NOCASE" for c in columns)
+        t = quote_ident(table, '"')
+        self.conn.execute(f"CREATE TABLE {t} ({cols})")
+        marks = ", ".join("?" * len(columns))
+        self.conn.executemany(f"INSERT INTO {t} VALUES ({marks})", [[str(v) for v in r] for r in rows])
+        self.conn.set_authorizer(self._authorize)
+        self._deadline = 0.0
+        self.conn.set_progress_handler(lambda: int(time.monotonic() > self._deadline), 10000)
+
+    @staticmethod
+    def _authorize(action: int, arg1, arg2, db_name, trigger) -> int:
+        if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() in ("table_info", "table_xinfo"):
+            return sqlite3.SQLITE_OK  # read-only; DESCRIBE is emulated with it
+        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA):
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() in (
+                "load_extension", "readfile", "writefile", "fts3_tokenizer", "edit"):
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    def _run(self, sql: str) -> List[tuple]:
+        self._deadline = time.monotonic() + self.backend.statement_timeout
+        cur = self.conn.execute(sql)
+        return list(cur.fetchmany(MAX_FETCH_ROWS)) if cur.description else []
+
+    def _rewrite(self, sql: str) -> str:
+        if _SHOW_TABLES.match(sql):
+            return "SELECT name FROM sqlite_master WHERE type = 'table'"
+        m = _DESCRIBE.match(sql)
+        if m:  # MySQL DESCRIBE rows: (Field, Type, Null, Key, Default, Extra)
+            name = m.group(1).strip("`\"")
+            return ("SELECT name, lower(type), CASE WHEN \"notnull\" THEN 'NO' ELSE 'YES' END, '', "
+                    f"dflt_value, '' FROM pragma_table_info({_sql_str(name)})")
+        if _FORBIDDEN.match(sql):
+            raise PermissionError("1142 (42000): command denied to user for this statement")
+        return transpile_mysql(sql)
+
+    def execute(self, sql: str) -> str:
+        """Run one agent statement; rows or a MySQL-style error text, never an exception."""
+        try:
+            sql = self._rewrite(sql)
+        except ValueError as exc:
+            return ("1064 (42000): You have an error in your SQL syntax; check the manual that "
+                    f"corresponds to your MySQL server version for the right syntax to use ({exc})")
+        except PermissionError as exc:
+            return str(exc)
+        try:
+            return format_rows(self._run(sql))
+        except sqlite3.Error as exc:
+            msg = str(exc)
+            if "interrupted" in msg:
+                return "1969 (70100): Query execution was interrupted (max_statement_time exceeded)"
+            if "not authorized" in msg:
+                return f"1142 (42000): command denied: {msg}"
+            if "no such table" in msg:
+                return f"1146 (42S02): Table doesn't exist: {msg}"
+            if "no such column" in msg:
+                return f"1054 (42S22): Unknown column: {msg}"
+            return f"1064 (42000): {msg}"
+
+    def query(self, sql: str) -> List[tuple]:
+        """Transpile and run; raises on error (used by the expert)."""
+        return self._run(self._rewrite(sql))
+
+    def table_hash(self) -> str:
+        self.conn.set_authorizer(None)
+        try:
+            cols = ", ".join(quote_ident(c, '"') for c in self.columns)
+            return table_hash_from_rows(self._run(f"SELECT {cols} FROM {quote_ident(self.table, chr(34))}"))
+        except sqlite3.Error as exc:
+            return f"1146 (42S02): {exc}"
+        finally:
+            self.conn.set_authorizer(self._authorize)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+# ============================================================================ choice
+
+_shared_lock = threading.Lock()
+_shared: dict = {}
+
+
+def get_backend(kind: str = "auto", statement_timeout: float = 5.0):
+    """A process-wide backend: "mariadb", "sqlite", or "auto" (MariaDB if installed)."""
+    if kind not in ("auto", "mariadb", "sqlite"):
+        raise ValueError(f"db backend must be auto, mariadb or sqlite; got {kind!r}")
+    with _shared_lock:
+        if kind in ("auto", "mariadb"):
+            b = _shared.get("mariadb")
+            if b is not None and b.server.alive():
+                return b
+            try:
+                b = _shared["mariadb"] = MariaDBBackend(statement_timeout)
+                return b
+            except BackendError as exc:
+                if kind == "mariadb":
+                    raise
+                log.warning("MariaDB unavailable (%s); using the SQLite fallback", exc)
+        return _shared.setdefault("sqlite", SQLiteBackend(statement_timeout))
+
+
+def shutdown_backends() -> None:
+    """Stop the process-wide MariaDB server, if one was started."""
+    with _shared_lock:
+        b = _shared.pop("mariadb", None)
+    if b is not None:
+        b.shutdown()
