@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   mariadb-server   # DB environment, MySQL-compatible backend (serve/envs/db.py)
   bubblewrap       # OS environment sandbox (serve/envs/os_shell.py)
+  default-jre-headless chromium chromium-driver  # ScienceWorld's JVM; MiniWoB++'s headless browser
 )
 
 if [[ "${AGENTTUNING_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then

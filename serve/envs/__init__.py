@@ -34,8 +34,8 @@ _MODULES: Dict[str, str] = {
     "os": "serve.envs.os_shell",
     "os_interaction": "serve.envs.os_shell",
     "alfworld": "serve.envs.alfworld",
-    "sciworld": "serve.envs.sciworld",
-    "scienceworld": "serve.envs.sciworld",
+    "sciworld": "serve.envs.scienceworld",
+    "scienceworld": "serve.envs.scienceworld",
     "miniwob": "serve.envs.miniwob",
     "hotpotqa": "serve.envs.hotpotqa",
 }

@@ -1,0 +1,277 @@
+"""ALFWorld (held-in) on AgentBench.old's protocol, played offline with ``alfworld`` + ``textworld``.
+
+Task file (``path``), any of:
+* a split JSON like AgentBench's ``dev.json`` (``{task_type: [game paths]}``) or
+  ``{"train": [game paths]}`` — paths relative to the JSON's folder or to ``games_root``;
+* a folder (e.g. a full ALFWorld download's ``json_2.1.1/valid_unseen``): every
+  ``game.tw-pddl`` below it;
+* one ``game.tw-pddl`` file.
+Default: ``alfworld/agentbench_dev.json`` (AgentBench's 20 dev games).
+
+Protocol (AgentBench.old ``src/tasks/alfworld``): the instruction, the agent's "OK", then the
+one-shot ReAct demonstration for the game's task type (``alfworld_multiturn_react.json``,
+demonstration turns carry ``loss: false``), then ``"Here is your task. " + observation``.
+Agent turns are ``THOUGHT: ...\\n ACTION: <command>`` or ``ACTION: <command>``. The command is
+mapped to an admissible one as AgentBench does (exact match, else the admissible command with
+the highest BLEU score); additionally ``put X in/on Y`` (the demonstrations' wording, from older
+ALFWorld grammars) is rewritten to this grammar's ``move X to Y``. A turn without ``ACTION:`` or
+with a command that maps to nothing gets the game's own ``Nothing happens.`` and is marked
+``info["invalid"]``; the episode goes on, as in AgentBench. 35 turns at most; reward 1 if won.
+The scripted expert replays the game file's ``walkthrough``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+from serve.envs.alfworld_pool import BackendPool
+from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE = "alfworld/agentbench_dev.json"
+DEFAULT_PROMPTS = "agentbench/alfworld_prompts/alfworld_multiturn_react.json"
+NOTHING = "Nothing happens."
+SPLIT_NAMES = ("train", "dev", "test", "valid_seen", "valid_unseen", "valid_train")
+
+# Game folder prefix -> key of the demonstration in the prompts file (AgentBench's table).
+PROMPT_KEYS = {
+    "pick_and_place": "put",
+    "pick_clean_then_place": "clean",
+    "pick_heat_then_place": "heat",
+    "pick_cool_then_place": "cool",
+    "look_at_obj": "examine",
+    "pick_two_obj": "puttwo",
+}
+
+# AgentBench.old's task instruction (the variant without the available-action list).
+INSTRUCTION = (
+    "Interact with a household to solve a task. Imagine you are an intelligent agent in a household "
+    "environment and your target is to perform actions to complete the task goal. At the beginning of "
+    "your interactions, you will be given the detailed description of the current environment and your "
+    "goal to accomplish. For each of your turn, you will be given a list of actions which you can choose "
+    "one to perform in this turn. You should choose from two actions: \"THOUGHT\" or \"ACTION\". If you "
+    "choose \"THOUGHT\", you should first think about the current condition and plan for your future "
+    "actions, and then output your action in this turn. Your output must strictly follow this format:"
+    "\"THOUGHT: your thoughts.\n ACTION: your next action\n\"; If you choose \"ACTION\", you should "
+    "directly output the action in this turn. Your output must strictly follow this format:\"ACTION: "
+    "your next action\n\". After your each turn, the environment will give you immediate feedback based "
+    "on which you plan your next few steps. if the envrionment output \"Nothing happened\", that means "
+    "the previous action is invalid and you should try more options.\n Reminder: \n1. the action must be "
+    "chosen from the given available actions. Any actions except provided available actions will be "
+    "regarded as illegal. \n2. Think when necessary, try to act directly more in the process.\n\n"
+)
+ACK = "OK. I'll follow your instructions and try my best to solve the task."
+
+# TextWorld's PDDL parser (tatsu) keeps global state: concurrent loads in one process corrupt
+# each other. Game logic is pure Python (GIL-bound) anyway, so a lock costs no parallelism;
+# scale out with more replicas (processes).
+_TEXTWORLD_LOCK = threading.Lock()
+_ACTION = re.compile(r"ACTION:(.*)")
+_PUT = re.compile(r"^put (.+?) (?:in/on|in|on|into|onto) (.+)$")
+
+
+# ---------------------------------------------------------------------- action mapping
+
+
+def bleu(reference: str, candidate: str, max_n: int = 4) -> float:
+    """Sentence BLEU-n of whitespace tokens; zero n-gram counts (n > 1) smoothed with epsilon 0.1.
+
+    Like nltk's ``sentence_bleu`` (AgentBench's scorer), no shared word at all scores 0.
+    """
+    ref, cand = reference.split(), candidate.split()
+    if not cand or not ref or not set(cand) & set(ref):
+        return 0.0
+    log_sum = 0.0
+    for n in range(1, max_n + 1):
+        c_grams = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
+        r_grams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        total = max(sum(c_grams.values()), 1)
+        hits = sum((c_grams & r_grams).values())
+        log_sum += math.log((hits if hits else 0.1) / total) / max_n
+    brevity = 1.0 if len(cand) > len(ref) else math.exp(1 - len(ref) / len(cand))
+    return brevity * math.exp(log_sum)
+
+
+def map_action(text: str, admissible: Sequence[str], limit: float = 0.01) -> Optional[str]:
+    """AgentBench's ``process_action``: the command after ``ACTION:``, snapped to an admissible one.
+
+    Returns None when the text has no ``ACTION:``; the raw command when nothing scores above
+    ``limit`` (the game then answers "Nothing happens.").
+    """
+    match = _ACTION.search(text)
+    if not match:
+        return None
+    command = match.group(1).strip().lower().split("\n")[0].strip()
+    if not admissible or command in admissible:
+        return command
+    put = _PUT.match(command)
+    if put and f"move {put.group(1)} to {put.group(2)}" in admissible:
+        return f"move {put.group(1)} to {put.group(2)}"
+    scores = [bleu(choice, command) for choice in admissible]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    return admissible[best] if scores[best] > limit else command
+
+
+def _process_observation(obs: str) -> str:
+    # AgentBench drops the "You arrive at loc N. " prefix of older grammars.
+    if obs.startswith("You arrive at loc "):
+        obs = obs[obs.find(". ") + 2:]
+    return obs
+
+
+# ---------------------------------------------------------------------- environment
+
+
+@register("alfworld")
+class AlfWorldEnv(Env):
+    """One TextWorld PDDL game per episode; the game engine is reused across episodes."""
+
+    default_max_turns = 35
+
+    def __init__(self, path: Optional[str] = None, *, games_root: Optional[str] = None,
+                 prompts_path: Optional[str] = None, split: Optional[str] = None,
+                 max_engines: int = 16, **options: Any) -> None:
+        """``max_engines``: game engines kept by this replica (= concurrent episodes)."""
+        self.games_root = games_root
+        self.default_split = split
+        self.prompts = self._load_prompts(prompts_path or data_file(DEFAULT_PROMPTS))
+        # AgentBench never ends an episode on a bad command: the game answers "Nothing happens."
+        options.setdefault("max_invalid", options.get("max_turns") or self.default_max_turns)
+        self._tw: Any = None  # the engine checked out for the running episode
+        self.pool: BackendPool = BackendPool("alfworld", self._new_engine, lambda e: e.close(),
+                                             max_size=int(max_engines))
+        super().__init__(path, **options)
+
+    @staticmethod
+    def _load_prompts(path: str) -> Dict[str, List[str]]:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                prompts = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EnvError(f"alfworld: cannot read prompts file {path}: {exc}") from None
+        missing = sorted(set(PROMPT_KEYS.values()) - set(prompts))
+        if missing:
+            raise EnvError(f"alfworld: prompts file {path} lacks demonstrations {missing}")
+        return prompts
+
+    # ------------------------------------------------------------------ tasks
+
+    def load_tasks(self, path: Optional[str]) -> List[Task]:
+        path = path or data_file(DEFAULT_FILE)
+        if os.path.isdir(path):
+            games = [(os.path.join(root, "game.tw-pddl"), self.default_split or "dev")
+                     for root, _, files in sorted(os.walk(path)) if "game.tw-pddl" in files]
+        elif path.endswith(".tw-pddl"):
+            games = [(path, self.default_split or "dev")]
+        else:
+            games = self._games_from_split_file(path)
+        tasks = []
+        for game, split in games:
+            tid = "/".join(os.path.normpath(game).split(os.sep)[-3:-1])
+            if not os.path.isfile(game):
+                self.skip(tid, f"game file {game} not found (set games_root or point path at an ALFWorld download)")
+                continue
+            task_type = tid.split("-", 1)[0]
+            key = next((v for k, v in PROMPT_KEYS.items() if task_type.startswith(k)), None)
+            if key is None:
+                self.skip(tid, f"unknown ALFWorld task type {task_type!r}")
+                continue
+            tasks.append(Task(tid, {"game": game, "task_type": task_type, "prompt_key": key}, split=split))
+        return tasks
+
+    def _games_from_split_file(self, path: str) -> List[tuple]:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                spec = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EnvError(f"alfworld: cannot read task file {path}: {exc}") from None
+        if isinstance(spec, list):
+            spec = {self.default_split or "dev": spec}
+        if not isinstance(spec, dict):
+            raise EnvError(f"alfworld: {path} must map a split or task type to a list of game paths")
+        root = self.games_root or os.path.dirname(os.path.abspath(path))
+        games = []
+        for key, files in spec.items():
+            if not isinstance(files, list):
+                raise EnvError(f"alfworld: {path}: key {key!r} must hold a list of game paths")
+            split = self.default_split or (key if key in SPLIT_NAMES else "dev")
+            games += [(os.path.join(root, str(f)), split) for f in files]
+        return games
+
+    # ------------------------------------------------------------------ episode
+
+    def _new_engine(self) -> Any:
+        try:
+            import textworld
+            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+            from textworld.envs.pddl import PddlEnv
+        except ImportError as exc:
+            raise EnvError(f"alfworld needs the PyPI packages 'alfworld' and 'textworld[pddl]' "
+                           f"(pip install alfworld 'textworld[pddl]'): {exc}") from None
+        infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
+        # Each engine loads its own copy of the planner library, so engines run concurrently;
+        # what textworld.start does, minus loading a game (start() loads one per episode).
+        return AlfredInfos(AlfredDemangler(shuffle=False)(PddlEnv(infos)))
+
+    def start(self, task: Task) -> List[Dict[str, Any]]:
+        self._tw = self.pool.acquire()
+        with _TEXTWORLD_LOCK:
+            self._tw.load(task.data["game"])
+            state = self._tw.reset()
+        self.admissible: List[str] = list(state["admissible_commands"])
+        with open(task.data["game"], encoding="utf-8") as fh:
+            self._walkthrough = list(json.load(fh).get("walkthrough") or [])
+        # Opening text "-= Welcome ... =-\n\n<room>\n\n<task>": AgentBench keeps all but the banner.
+        ob = "\n".join(state.feedback.split("\n\n")[1:])
+        demo = list(self.prompts[task.data["prompt_key"]])
+        demo[0] = "Here is one example.\n" + demo[0]
+        messages: List[Dict[str, Any]] = [
+            {"role": "user", "content": INSTRUCTION},
+            {"role": "assistant", "content": ACK, "loss": False},
+        ]
+        for i, text in enumerate(demo):
+            role = "user" if i % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": text} if role == "user"
+                            else {"role": role, "content": text, "loss": False})
+        messages.append({"role": "user", "content": "Here is your task. " + ob})
+        return messages
+
+    def act(self, action: str) -> StepResult:
+        command = map_action(action, self.admissible)
+        if command is None:
+            raise InvalidFormat(NOTHING)
+        if command not in self.admissible:
+            raise InvalidAction(NOTHING)
+        with _TEXTWORLD_LOCK:
+            state, _, done = self._tw.step(command)
+        self.admissible = list(state["admissible_commands"])
+        won = bool(state["won"])
+        return StepResult(_process_observation(state.feedback), reward=float(won), done=bool(done or won),
+                          info={"command": command, "won": won, "admissible_commands": self.admissible})
+
+    def expert_action(self) -> str:
+        """The next command of the game's walkthrough (then 'look' if the walkthrough ran out)."""
+        step = self.turns
+        command = self._walkthrough[step] if step < len(self._walkthrough) else "look"
+        return f"ACTION: {command}"
+
+    def end_episode(self) -> None:
+        if self._tw is not None:
+            self.pool.release(self._tw)
+            self._tw = None
+
+    def shutdown(self) -> None:
+        self.pool.close()
+
+    def spawn(self) -> "AlfWorldEnv":
+        other = super().spawn()
+        other._tw = None  # copies share the pool, never a checked-out engine
+        return other

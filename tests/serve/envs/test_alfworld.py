@@ -1,0 +1,103 @@
+"""ALFWorld on AgentBench's dev games (real game files, real TextWorld engine)."""
+
+import random
+import threading
+
+import pytest
+
+pytest.importorskip("textworld")
+pytest.importorskip("alfworld")
+
+import serve.envs  # noqa: E402
+from serve.envs.alfworld import bleu, map_action  # noqa: E402
+from serve.envs.base import Status, run_episode  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(shared_data):
+    e = serve.envs.load("alfworld", str(shared_data / "alfworld" / "agentbench_dev.json"))
+    yield e
+    e.shutdown()
+
+
+def random_policy(env, seed=0):
+    rng = random.Random(seed)
+    return lambda history: "ACTION: " + rng.choice(env.admissible)
+
+
+def test_loads_agentbench_dev_split(env):
+    assert len(env.tasks()) == 20 and env.splits().keys() == {"dev"}
+    assert not env.skipped
+
+
+def test_action_mapping_like_agentbench():
+    adm = ["go to toilet 1", "move soapbottle 1 to toilet 1", "take soapbottle 1 from toilet 1", "look"]
+    assert map_action("THOUGHT: go.\n ACTION: Go to toilet 1\nmore", adm) == "go to toilet 1"
+    assert map_action("ACTION: put soapbottle 1 in/on toilet 1", adm) == "move soapbottle 1 to toilet 1"
+    assert map_action("ACTION: go to the toilet 1", adm) == "go to toilet 1"  # BLEU snap
+    assert map_action("ACTION: fly away", adm) == "fly away"  # no shared word: stays invalid
+    assert map_action("I will go to the toilet", adm) is None
+    assert bleu("go to toilet 1", "go to toilet 1") == pytest.approx(1.0)
+
+
+def test_walkthrough_expert_wins_and_exports(env):
+    from serve.rollout import to_agentinstruct
+
+    # one game of a short and one of the longest task type
+    for tid in (env.tasks()[0], env.tasks()[-1]):
+        ep = run_episode(env, tid)
+        assert ep.status == Status.COMPLETED and ep.reward == 1.0, tid
+    n_open = len(ep.messages) - 2 * ep.turns
+    assert ep.messages[n_open - 1]["content"].startswith("Here is your task. You are in the middle of a room")
+    conv = to_agentinstruct(ep.messages, n_open)
+    assert [c["from"] for c in conv[:2]] == ["human", "gpt"]
+    assert all(c["loss"] is False for c in conv[:n_open] if c["from"] == "gpt")
+    assert all(c["loss"] is True for c in conv[n_open:] if c["from"] == "gpt")
+    assert conv[-1]["value"].startswith("You move the")  # the winning placement
+
+
+def test_invalid_output_gets_games_feedback_not_a_crash(env):
+    tid = env.tasks()[0]
+    env.reset(tid)
+    r = env.step("I should look around first.")
+    assert r.observation == "Nothing happens." and not r.done and r.info["invalid"] == "invalid_format"
+    r = env.step("ACTION: fly away")
+    assert r.observation == "Nothing happens." and not r.done and r.info["invalid"] == "invalid_action"
+    r = env.step("THOUGHT: the countertop.\n ACTION: go to countertop 1")
+    assert "countertop 1" in r.observation and "invalid" not in r.info
+    assert "take soapbottle 1 from countertop 1" in r.info["admissible_commands"]
+    env.close()
+
+
+def test_random_policy_loses_and_repetition_ends(env):
+    tid = env.tasks()[5]
+    short = env.spawn()
+    short.max_turns = 12
+    ep = run_episode(short, tid, random_policy(short))
+    assert ep.reward == 0.0 and ep.status in (Status.TURN_LIMIT, Status.REPETITION)
+    ep = run_episode(short, tid, lambda h: "ACTION: look")
+    assert ep.status == Status.REPETITION and ep.turns == 3
+
+
+def test_concurrent_episodes_share_a_bounded_engine_pool(shared_data):
+    env = serve.envs.load("alfworld", max_engines=1)
+    ids, rewards = env.tasks(), []
+
+    def play(i):
+        rewards.append(run_episode(env.spawn(), ids[i]).reward)
+
+    threads = [threading.Thread(target=play, args=(i,)) for i in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert rewards == [1.0, 1.0]
+    assert env.pool.started == 1 and env.pool.size == 1  # capped: the second episode waited, reused it
+    env.shutdown()
+    assert env.pool.size == 0
+
+
+@pytest.mark.slow
+def test_expert_wins_all_dev_games_random_wins_none(env):
+    wins = sum(run_episode(env, tid).reward for tid in env.tasks())
+    assert wins / len(env.tasks()) >= 0.95
+    rand = sum(run_episode(env, tid, random_policy(env, i)).reward for i, tid in enumerate(env.tasks()))
+    assert rand <= 1
