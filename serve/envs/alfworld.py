@@ -269,6 +269,7 @@ class AlfWorldEnv(Env):
             self._tw = None
 
     def shutdown(self) -> None:
+        self.close()
         self.pool.close()
 
     def spawn(self) -> "AlfWorldEnv":
