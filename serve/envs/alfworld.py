@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
-from serve.envs.alfworld_pool import BackendPool
+from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, register
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _process_observation(obs: str) -> str:
 
 
 @register("alfworld")
-class AlfWorldEnv(Env):
+class AlfWorldEnv(PooledBackendMixin, Env):
     """One TextWorld PDDL game per episode; the game engine is reused across episodes."""
 
     default_max_turns = 35
@@ -145,7 +145,6 @@ class AlfWorldEnv(Env):
         self.prompts = self._load_prompts(prompts_path or data_file(DEFAULT_PROMPTS))
         # AgentBench never ends an episode on a bad command: the game answers "Nothing happens."
         options.setdefault("max_invalid", options.get("max_turns") or self.default_max_turns)
-        self._tw: Any = None  # the engine checked out for the running episode
         self.pool: BackendPool = BackendPool("alfworld", self._new_engine, lambda e: e.close(),
                                              max_size=int(max_engines))
         super().__init__(path, **options)
@@ -222,10 +221,10 @@ class AlfWorldEnv(Env):
         return AlfredInfos(AlfredDemangler(shuffle=False)(PddlEnv(infos)))
 
     def start(self, task: Task) -> List[Dict[str, Any]]:
-        self._tw = self.pool.acquire()
+        engine = self._checkout()
         with _TEXTWORLD_LOCK:
-            self._tw.load(task.data["game"])
-            state = self._tw.reset()
+            engine.load(task.data["game"])
+            state = engine.reset()
         self.admissible: List[str] = list(state["admissible_commands"])
         with open(task.data["game"], encoding="utf-8") as fh:
             self._walkthrough = list(json.load(fh).get("walkthrough") or [])
@@ -251,7 +250,7 @@ class AlfWorldEnv(Env):
         if command not in self.admissible:
             raise InvalidAction(NOTHING)
         with _TEXTWORLD_LOCK:
-            state, _, done = self._tw.step(command)
+            state, _, done = self._backend.step(command)
         self.admissible = list(state["admissible_commands"])
         won = bool(state["won"])
         return StepResult(_process_observation(state.feedback), reward=float(won), done=bool(done or won),
@@ -262,17 +261,3 @@ class AlfWorldEnv(Env):
         step = self.turns
         command = self._walkthrough[step] if step < len(self._walkthrough) else "look"
         return f"ACTION: {command}"
-
-    def end_episode(self) -> None:
-        if self._tw is not None:
-            self.pool.release(self._tw)
-            self._tw = None
-
-    def shutdown(self) -> None:
-        self.close()
-        self.pool.close()
-
-    def spawn(self) -> "AlfWorldEnv":
-        other = super().spawn()
-        other._tw = None  # copies share the pool, never a checked-out engine
-        return other

@@ -116,3 +116,42 @@ def call_with_timeout(fn: Callable[..., Any], *args: Any, timeout_s: Optional[fl
         return future.result(timeout=timeout_s)
     except FutureTimeout:
         raise BackendTimeout(f"backend call {getattr(fn, '__name__', fn)} took over {timeout_s:.0f}s") from None
+
+
+class PooledBackendMixin:
+    """Env mixin: one backend from ``self.pool`` per running episode (``self._backend``).
+
+    ``_checkout()`` in ``start``; ``_call`` runs a backend call under ``step_timeout_s`` and marks
+    the backend broken when it times out, so ``end_episode`` discards it instead of reusing it.
+    Put it before ``Env`` in the bases so its ``end_episode``/``shutdown``/``spawn`` apply.
+    """
+
+    pool: BackendPool
+    step_timeout_s: Optional[float] = None
+    _backend: Any = None
+    _broken: bool = False
+
+    def _checkout(self) -> Any:
+        self._backend, self._broken = self.pool.acquire(), False
+        return self._backend
+
+    def _call(self, fn: Callable[..., Any], *args: Any, timeout_s: Optional[float] = None) -> Any:
+        try:
+            return call_with_timeout(fn, *args, timeout_s=timeout_s or self.step_timeout_s)
+        except BackendTimeout:
+            self._broken = True  # the backend may still be busy: never reuse it
+            raise
+
+    def end_episode(self) -> None:
+        if self._backend is not None:
+            backend, self._backend = self._backend, None
+            self.pool.release(backend, broken=self._broken)
+
+    def shutdown(self) -> None:
+        self.close()  # type: ignore[attr-defined]  # Env.close: end the running episode first
+        self.pool.close()
+
+    def spawn(self) -> Any:
+        other = super().spawn()  # type: ignore[misc]
+        other._backend, other._broken = None, False  # copies share the pool, not a checked-out backend
+        return other

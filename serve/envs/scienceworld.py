@@ -26,7 +26,7 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
-from serve.envs.alfworld_pool import BackendPool, BackendTimeout, call_with_timeout
+from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, register
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _stop_jvm(sw: Any) -> None:
 
 @register("scienceworld")
 @register("sciworld")
-class ScienceWorldTaskEnv(Env):
+class ScienceWorldTaskEnv(PooledBackendMixin, Env):
     """ScienceWorld task variations with score/100 reward and the gold-path expert."""
 
     name = "scienceworld"
@@ -150,8 +150,6 @@ class ScienceWorldTaskEnv(Env):
         limit = self.max_turns + 1  # the agent's turn limit, not the simulator's, ends episodes
         self.pool: BackendPool = BackendPool("scienceworld", lambda: _start_jvm(limit), _stop_jvm,
                                              alive=_jvm_alive, max_size=int(max_jvms))
-        self._sw: Any = None
-        self._broken = False
 
     # ------------------------------------------------------------------ tasks
 
@@ -188,16 +186,8 @@ class ScienceWorldTaskEnv(Env):
 
     # ------------------------------------------------------------------ episode
 
-    def _call(self, fn: Any, *args: Any, timeout_s: Optional[float] = None) -> Any:
-        try:
-            return call_with_timeout(fn, *args, timeout_s=timeout_s or self.step_timeout_s)
-        except BackendTimeout:
-            self._broken = True  # the JVM may still be busy: never reuse it
-            raise
-
     def start(self, task: Task) -> List[Dict[str, Any]]:
-        self._sw, self._broken = self.pool.acquire(), False
-        sw = self._sw
+        sw = self._checkout()
         self._call(sw.load, task.data["task"], task.data["variation"], self.simplification, True,
                    timeout_s=self.load_timeout_s)
         self._gold = [a for a in sw.get_gold_action_sequence() if a]
@@ -212,7 +202,7 @@ class ScienceWorldTaskEnv(Env):
 
     def act(self, action: str) -> StepResult:
         command = parse_action(action)
-        sw = self._sw
+        sw = self._backend
         obs = self._call(sw.server.step, command)
         if obs.strip() == NO_MATCH:
             hint = obs.strip()
@@ -230,17 +220,3 @@ class ScienceWorldTaskEnv(Env):
         """The next command of the variation's gold action sequence."""
         step = self.turns
         return "Action: " + (self._gold[step] if step < len(self._gold) else "look around")
-
-    def end_episode(self) -> None:
-        if self._sw is not None:
-            sw, self._sw = self._sw, None
-            self.pool.release(sw, broken=self._broken)
-
-    def shutdown(self) -> None:
-        self.close()
-        self.pool.close()
-
-    def spawn(self) -> "ScienceWorldTaskEnv":
-        other = super().spawn()
-        other._sw, other._broken = None, False  # copies share the JVM pool, not a checked-out JVM
-        return other
