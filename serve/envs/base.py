@@ -45,7 +45,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ class Env(ABC):
     """
 
     name: str = "env"
+    # Attributes holding per-episode resources with a close() (a database, a sandbox): cleared
+    # in spawn() copies and closed by the default end_episode().
+    episode_attrs: Tuple[str, ...] = ()
     default_max_turns: int = 10
     default_max_observation_chars: Optional[int] = None
 
@@ -212,7 +215,13 @@ class Env(ABC):
         """The scripted expert's next action for the current episode (from gold information)."""
 
     def end_episode(self) -> None:
-        """Release per-episode resources (database, sandbox). Must be idempotent."""
+        """Release per-episode resources. Must be idempotent. Default: ``close()`` and clear
+        every attribute named in ``episode_attrs``."""
+        for name in self.episode_attrs:
+            res = getattr(self, name, None)
+            setattr(self, name, None)
+            if res is not None:
+                res.close()
 
     def shutdown(self) -> None:
         """Release shared resources (servers) when the last user is done. Default: nothing."""
@@ -300,6 +309,8 @@ class Env(ABC):
         """A fresh instance for a concurrent episode, sharing tasks and backends with this one."""
         other = copy.copy(self)
         other._clear_episode()
+        for name in self.episode_attrs:
+            setattr(other, name, None)
         return other
 
     def close(self) -> None:

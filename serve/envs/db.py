@@ -102,6 +102,7 @@ class DBEnv(Env):
     """AgentBench DBBench. Options: ``backend`` (auto|mariadb|sqlite), ``statement_timeout`` (s)."""
 
     default_max_turns = 15
+    episode_attrs = ("edb",)
 
     def __init__(self, path: Optional[str] = None, *, backend: str = "auto",
                  statement_timeout: float = 5.0, split: str = "dev", **options: Any) -> None:
@@ -228,15 +229,6 @@ class DBEnv(Env):
             return None
         return _one_line(query)
 
-    def end_episode(self) -> None:
-        if self.edb is not None:
-            edb, self.edb = self.edb, None
-            edb.close()
-
-    def spawn(self) -> "DBEnv":
-        other = super().spawn()
-        other.edb = None
-        return other  # type: ignore[return-value]
 
     def shutdown(self) -> None:
         db_backends.shutdown_backends()
