@@ -150,20 +150,26 @@ def render(tok, messages: List[Dict[str, Any]]) -> Tuple[str, List[Tuple[int, in
     return _render_generic(tok, messages)
 
 
-def encode_rendered(tok, text: str, spans: List[Tuple[int, int, bool]]) -> Tuple[List[int], List[int]]:
-    """Tokenize rendered text; a token is supervised iff its characters lie in a supervised span."""
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: List[int] = enc["input_ids"]
+def labels_from_offsets(
+    ids: List[int], offsets: Sequence[Tuple[int, int]], spans: List[Tuple[int, int, bool]]
+) -> List[int]:
+    """Labels for tokenized text: a token is supervised iff its characters lie in a supervised span."""
     labels = [IGNORE_INDEX] * len(ids)
     sup = [(s, e) for s, e, loss in spans if loss]
     j = 0
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
+    for t, (s, e) in enumerate(offsets):
         # Spans are sorted and disjoint; advance past spans that end before this token.
         while j < len(sup) and sup[j][1] <= s:
             j += 1
         if j < len(sup) and e > s and s >= sup[j][0] and e <= sup[j][1]:
             labels[t] = ids[t]
-    return ids, labels
+    return labels
+
+
+def encode_rendered(tok, text: str, spans: List[Tuple[int, int, bool]]) -> Tuple[List[int], List[int]]:
+    """Tokenize one rendered conversation into (input_ids, labels)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans)
 
 
 def encode_chat(

@@ -107,7 +107,8 @@ class DataConfig:
 class ScalingSection:
     num_workers: int = 2
     use_gpu: bool = False
-    resources_per_worker: Dict[str, float] = field(default_factory=dict)
+    resources_per_worker: Dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
 
 
 @dataclass
@@ -130,9 +131,23 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     num_to_keep: int = 2
-    max_failures: int = 0
-    resume_from: str = "auto"  # auto | none | PATH
+    max_failures: int = 0  # worker-group restarts from the last checkpoint (-1 = unlimited)
+    resume_from: str = "auto"  # auto | none | PATH (a checkpoint directory)
     seed: int = 0
+    run_name: str = "run"  # checkpoints go to output_dir/run_name/checkpoint_<step>
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    nvme_path: Optional[str] = None  # required by offload_* = nvme
+    prefetch_batches: int = 2
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None = from the GPU name
+    # End this invocation after this many total steps (checkpointed); the schedule still follows
+    # max_steps, so a later run with resume_from=auto continues exactly (time-boxed/preemptible jobs).
+    stop_after_steps: Optional[int] = None
+    # Test hook: the last worker exits abruptly once when reaching this step (fault-tolerance tests).
+    fail_at_step: Optional[int] = None
+    # Rank 0 appends the crc32 of every row of every step to output_dir/run_name/samples.jsonl.
+    record_samples: bool = False
 
 
 @dataclass
@@ -141,6 +156,154 @@ class WandbConfig:
     project: str = "agenttuning"
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- serve / eval
+
+
+@dataclass
+class AutoscalingSection:
+    """Ray Serve autoscaling of a deployment (used when max_replicas > min_replicas)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+
+
+@dataclass
+class RolloutServeConfig:
+    """The rollout deployment (episodes environment ↔ policy)."""
+
+    app_name: str = "rollout"
+    num_replicas: int = 1
+    max_ongoing_requests: int = 16  # concurrent episodes per replica
+    num_cpus: float = 1.0
+
+
+@dataclass
+class ServeConfig:
+    """Model server (serve.llm) and Serve placement; `agenttuning serve CONFIG`."""
+
+    backend: str = "hf"  # hf | vllm | auto (vllm when importable and a GPU is visible)
+    model_id: Optional[str] = None  # name in /v1/models; None = basename of model.name_or_path
+    aliases: List[str] = field(default_factory=list)  # more names accepted in requests
+    app_name: str = "llm"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # HTTP proxy bind address (0.0.0.0 to expose on a cluster)
+    port: int = 8000
+    device: str = "auto"  # auto | cpu | cuda
+    max_batch_size: int = 8  # continuous batching width per replica; 1 = no batching
+    batch_wait_s: float = 0.005  # gather a burst of arrivals into one prefill
+    default_max_tokens: int = 256
+    max_model_tokens: Optional[int] = None  # context window; None = the model config's
+    torch_threads: Optional[int] = None  # CPU threads per replica; None = torch's default
+    tensor_parallel_size: int = 1  # vllm backend
+    num_replicas: int = 1
+    autoscaling: Optional[AutoscalingSection] = None
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    blocking: bool = True  # `agenttuning serve` keeps serving until interrupted
+    rollout: RolloutServeConfig = field(default_factory=RolloutServeConfig)
+
+
+@dataclass
+class PolicyConfig:
+    """Who acts in evaluation episodes: our model, an OpenAI-compatible endpoint, or the expert."""
+
+    kind: str = "model"  # model | openai | expert
+    model_path: Optional[str] = None  # kind=model: checkpoint to serve; None = model.name_or_path
+    base_url: Optional[str] = None  # kind=openai
+    model: Optional[str] = None  # model name at the endpoint; kind=model: the served id
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable
+    max_tokens: int = 512
+    temperature: float = 0.0  # greedy, as the paper evaluates
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=list)
+    context_limit: Optional[int] = None  # prompt + answer tokens; None = no client-side limit
+    context_policy: str = "truncate"  # truncate (AgentBench history filter) | end (context_limit)
+    tokenizer: Optional[str] = None  # count tokens with this tokenizer (default: ~4 chars/token)
+    timeout_s: float = 300.0
+
+
+@dataclass
+class EvalTaskConfig:
+    """One agent task of the suite: an environment on a task file."""
+
+    name: str = "???"
+    env: str = "???"  # serve.envs name (db, os, alfworld, ...)
+    path: Optional[str] = None  # task file; None = the environment's default data
+    split: Optional[str] = None
+    category: str = "held_in"  # held_in | held_out | general (any name groups tasks)
+    limit: Optional[int] = None
+    options: Dict[str, Any] = field(default_factory=dict)  # environment options (max_turns, ...)
+    success_threshold: float = 1.0  # reward at which an episode counts as a success
+
+
+@dataclass
+class GeneralTaskConfig:
+    """A general-ability task over a local jsonl file (pipelines.scorers)."""
+
+    name: str = "???"
+    kind: str = "???"  # mc (MMLU-style log-likelihood) | math (GSM8K-style final number)
+    path: str = "???"
+    category: str = "general"
+    limit: Optional[int] = None
+    few_shot: int = 0  # math: leading records used as worked examples
+    max_tokens: int = 256  # math: answer length
+
+
+@dataclass
+class EvalConfig:
+    """`agenttuning eval CONFIG`: suites through the rollout deployment, scores, report."""
+
+    output_dir: str = "outputs/eval"
+    tasks: List[EvalTaskConfig] = field(default_factory=list)
+    general: List[GeneralTaskConfig] = field(default_factory=list)
+    # Policies evaluated side by side; empty = {model: {kind: model}}.
+    policies: Dict[str, PolicyConfig] = field(default_factory=dict)
+    concurrency: int = 8  # episodes in flight
+    # Mean score of a reference pool of models per task: weight = 1 / that (AgentTuning/AgentBench).
+    reference_scores: Dict[str, float] = field(default_factory=dict)
+    weights: Dict[str, float] = field(default_factory=dict)  # explicit weights override the above
+    resume: bool = True  # skip episodes already in trajectories.jsonl
+    max_retries: int = 1  # per episode, after a rollout replica or server failure
+    deploy: bool = True  # start the model/rollout apps here; false = use running ones
+    plot: bool = True
+
+
+# ----------------------------------------------------------------------------- envs
+
+
+@dataclass
+class EnvSpec:
+    """One served environment (serve.envs.load(env or key, path, **options))."""
+
+    env: Optional[str] = None  # registry name; None = this entry's key
+    path: Optional[str] = None  # task file; None = the environment's default data
+    enabled: bool = True
+    options: Dict[str, Any] = field(default_factory=dict)  # e.g. {backend: sqlite, max_turns: 15}
+
+
+@dataclass
+class EnvServerSection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_sessions: int = 64  # per replica; over it → HTTP 429
+    idle_timeout_s: float = 600.0  # sessions without a request for this long are closed
+    num_replicas: int = 1  # sessions are replica-local (see docs/environments.md)
+    num_cpus: float = 1.0
+    max_ongoing_requests: int = 256
+    # Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...);
+    # used when max_replicas > min_replicas.
+    autoscaling: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EnvsConfig:
+    server: EnvServerSection = field(default_factory=EnvServerSection)
+    tasks: Dict[str, EnvSpec] = field(default_factory=lambda: {"db": EnvSpec(), "os": EnvSpec()})
 
 
 # ----------------------------------------------------------------------------- root
@@ -155,9 +318,9 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Sections of other jobs (serve, envs, eval, eft, collect, run) are free-form until their
     # owners type them; they are validated by those jobs.
-    serve: Dict[str, Any] = field(default_factory=dict)
-    envs: Dict[str, Any] = field(default_factory=dict)
-    eval: Dict[str, Any] = field(default_factory=dict)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    envs: EnvsConfig = field(default_factory=EnvsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     eft: Dict[str, Any] = field(default_factory=dict)
     collect: Dict[str, Any] = field(default_factory=dict)
     run: Dict[str, Any] = field(default_factory=dict)
@@ -236,6 +399,78 @@ def validate(cfg: DictConfig) -> None:
     _one_of(t.offload_param, "train.offload_param", ("none", "cpu", "nvme"))
     _one_of(cfg.wandb.mode, "wandb.mode", ("auto", "online", "offline", "disabled"))
     _check(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    es = cfg.envs.server
+    _check(es.max_sessions >= 1, "envs.server.max_sessions", "must be >= 1")
+    _check(es.idle_timeout_s > 0, "envs.server.idle_timeout_s", "must be > 0")
+    _check(es.num_replicas >= 1, "envs.server.num_replicas", "must be >= 1")
+    _check(0 < es.port < 65536, "envs.server.port", f"not a TCP port: {es.port}")
+    _validate_serve_eval(cfg.serve, cfg.eval)
+    _validate_train(t, cfg.scaling)
+
+
+def _validate_train(t: DictConfig, s: DictConfig) -> None:
+    """Train/scaling checks: everything that would otherwise fail only after workers started."""
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "num_to_keep"):
+        _check(t[key] >= 1, f"train.{key}", f"must be >= 1, got {t[key]}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be within [0, 1]")
+    _check(0 <= t.warmup_steps < t.max_steps, "train.warmup_steps", "must be within [0, train.max_steps)")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 = unlimited)")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
+           "must be two numbers in [0, 1)")
+    per_step = s.num_workers * t.micro_batch_size
+    _check(t.global_batch_size % per_step == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not divisible by scaling.num_workers × train.micro_batch_size = {per_step}")
+    _one_of(t.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+    _check(s.use_gpu or t.precision in ("auto", "fp32"), "train.precision",
+           f"{t.precision} needs scaling.use_gpu=true (CPU training runs in fp32)")
+    _one_of(t.attn_implementation, "train.attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2"))
+    _check(s.use_gpu or t.attn_implementation != "flash_attention_2", "train.attn_implementation",
+           "flash_attention_2 needs scaling.use_gpu=true")
+    _check(t.offload_param == "none" or t.zero_stage == 3, "train.offload_param",
+           f"parameter offload needs train.zero_stage=3, got {t.zero_stage}")
+    _check(t.offload_optimizer == "none" or t.zero_stage >= 1, "train.offload_optimizer",
+           "optimizer offload needs train.zero_stage >= 1")
+    for key in ("offload_optimizer", "offload_param"):
+        _check(t[key] == "none" or s.use_gpu, f"train.{key}", "offload needs scaling.use_gpu=true")
+        _check(t[key] != "nvme" or bool(t.nvme_path), f"train.{key}", "nvme offload needs train.nvme_path")
+    _check(t.stop_after_steps is None or 1 <= t.stop_after_steps <= t.max_steps, "train.stop_after_steps",
+           "must be within [1, train.max_steps]")
+    _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", "must be a non-empty name without '/'")
+    _one_of(s.placement_strategy, "scaling.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+def _validate_serve_eval(s: DictConfig, e: DictConfig) -> None:
+    """serve / eval sections (serve.llm, serve.rollout, pipelines.evaluate)."""
+    _one_of(s.backend, "serve.backend", ("hf", "vllm", "auto"))
+    _one_of(s.device, "serve.device", ("auto", "cpu", "cuda"))
+    for key in ("max_batch_size", "default_max_tokens", "num_replicas", "max_ongoing_requests", "port"):
+        _check(s[key] >= 1, f"serve.{key}", f"must be >= 1, got {s[key]}")
+    _check(s.num_cpus >= 0 and s.num_gpus >= 0, "serve.num_cpus", "resources must be >= 0")
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        _check(1 <= a.min_replicas <= a.max_replicas, "serve.autoscaling.min_replicas",
+               "must satisfy 1 <= min_replicas <= max_replicas")
+    _check(s.rollout.num_replicas >= 1, "serve.rollout.num_replicas", "must be >= 1")
+    _check(e.concurrency >= 1, "eval.concurrency", f"must be >= 1, got {e.concurrency}")
+    _check(e.max_retries >= 0, "eval.max_retries", "must be >= 0")
+    for name, p in e.policies.items():
+        k = f"eval.policies.{name}"
+        _one_of(p.kind, f"{k}.kind", ("model", "openai", "expert"))
+        _one_of(p.context_policy, f"{k}.context_policy", ("truncate", "end"))
+        _check(p.kind != "openai" or bool(p.base_url and p.model), f"{k}.base_url",
+               "an openai policy needs base_url and model")
+        _check(p.temperature >= 0, f"{k}.temperature", "must be >= 0")
+    names = set()
+    for i, t in enumerate(list(e.tasks) + list(e.general)):
+        _check(t.name not in names, f"eval task {i}.name", f"duplicate task name {t.name!r}")
+        names.add(t.name)
+    for i, g in enumerate(e.general):
+        _one_of(g.kind, f"eval.general.{i}.kind", ("mc", "math"))
+    for key, table in (("reference_scores", e.reference_scores), ("weights", e.weights)):
+        for task, v in table.items():
+            _check(v > 0, f"eval.{key}.{task}", f"must be > 0, got {v}")
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -8,39 +8,19 @@ created; both are saved in Hugging Face format, so `AutoModelForCausalLM.from_pr
     agenttuning build-model CONFIG [model.tiny.hidden_size=128 ...]   # builds into model.name_or_path
 """
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List
 
 from omegaconf import DictConfig
 
 from pipelines.config import TinyModelConfig
+from pipelines.sources import iter_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 in this order
-
-
-def _corpus_lines(paths: List[str]) -> Iterator[str]:
-    """Text lines from .txt files, or every string value of .jsonl/.json records."""
-    for p in paths or [str(DEFAULT_CORPUS)]:
-        with open(p, encoding="utf-8") as f:
-            if p.endswith((".jsonl", ".json")):
-                recs = [json.loads(line) for line in f if line.strip()] if p.endswith(".jsonl") else json.load(f)
-                stack = list(recs if isinstance(recs, list) else [recs])
-                while stack:  # walk nested records, yield every string
-                    x = stack.pop()
-                    if isinstance(x, str):
-                        yield x
-                    elif isinstance(x, dict):
-                        stack.extend(x.values())
-                    elif isinstance(x, list):
-                        stack.extend(x)
-            else:
-                yield from (line for line in f if not line.startswith("# "))
 
 
 def build_tokenizer(cfg: TinyModelConfig):
@@ -60,7 +40,7 @@ def build_tokenizer(cfg: TinyModelConfig):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk> at run time
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus_lines(list(cfg.corpus)), trainer=trainer)
+    tok.train_from_iterator(iter_text(list(cfg.corpus) or [str(DEFAULT_CORPUS)]), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -1,0 +1,289 @@
+"""`agenttuning eval CONFIG`: agent tasks through the rollout deployment, general tasks, report.
+
+For each policy in ``eval.policies`` (our model, any OpenAI-compatible endpoint, the scripted
+expert) and each task in ``eval.tasks``, every task id runs as one episode on the rollout
+deployment (``serve.rollout``), with at most ``eval.concurrency`` episodes in flight and
+greedy decoding by default. Each finished episode is appended to
+``<output_dir>/trajectories.jsonl`` (AgentInstruct format + reward/status/turns) and flushed at
+once, so a crash or a killed replica loses no finished episode; a re-run with ``eval.resume``
+runs only the episodes that are not in that file yet. General tasks (``eval.general``) use
+``pipelines.scorers``. Outputs: ``report.json``, ``report.md``, ``report.png`` (see
+``pipelines.eval_report``), the same numbers to wandb.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig
+
+from pipelines import eval_report as rep
+from pipelines.config import to_dict
+
+log = logging.getLogger(__name__)
+
+TRAJECTORIES = "trajectories.jsonl"
+
+
+# ----------------------------------------------------------------------------- episodes store
+
+
+def load_done(path: str) -> Dict[Tuple[str, str, str], Dict[str, Any]]:
+    """Finished episodes by (policy, task, task_id); a torn last line (crash mid-write) is ignored."""
+    done: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ep = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: unreadable line (interrupted write?), episode will be re-run", path, n)
+                continue
+            done[(ep["policy"], ep["task"], str(ep["task_id"]))] = ep
+    return done
+
+
+class EpisodeWriter:
+    """Appends one JSON line per finished episode and makes it durable before returning."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, ep: Dict[str, Any]) -> None:
+        self.f.write(json.dumps(ep, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------- policies / apps
+
+
+def resolve_policies(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
+    """Policy dicts for the rollout deployment; model policies get their app name and model id."""
+    pols = to_dict(cfg)["eval"]["policies"] or {"model": {"kind": "model"}}
+    out = {}
+    for name, p in pols.items():
+        p = dict(p)
+        if p.get("kind", "model") == "model":
+            p.setdefault("model_path", None)
+            p["model_path"] = p["model_path"] or cfg.model.name_or_path
+            p["app_name"] = f"llm-{name}"
+            p["model"] = name  # served under the policy's name
+            p.setdefault("system_prompt", cfg.model.system_prompt)
+        out[name] = p
+    return out
+
+
+def deploy(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> List[str]:
+    """Start the model apps of model policies and the rollout app; returns the app names."""
+    from ray import serve
+
+    from serve.app import build_llm_app, build_rollout_app, start_serve
+
+    start_serve(cfg)
+    apps = []
+    for name, p in policies.items():
+        if p["kind"] == "model":
+            serve.run(build_llm_app(cfg, p["model_path"], model_id=name), name=p["app_name"], route_prefix=f"/{name}")
+            apps.append(p["app_name"])
+    serve.run(build_rollout_app(cfg, policies), name=cfg.serve.rollout.app_name, route_prefix=None)
+    apps.append(cfg.serve.rollout.app_name)
+    return apps
+
+
+# ----------------------------------------------------------------------------- running
+
+
+async def _run_episodes(handle: Any, jobs: List[Tuple[str, str, str]], writer: EpisodeWriter, concurrency: int,
+                        max_retries: int) -> List[Dict[str, Any]]:
+    """Run (policy, task, task_id) jobs with bounded concurrency; returns the failures."""
+    sem = asyncio.Semaphore(concurrency)
+    failures: List[Dict[str, Any]] = []
+
+    async def one(policy: str, task: str, tid: str) -> None:
+        async with sem:
+            for attempt in range(max_retries + 1):
+                try:
+                    ep = await handle.run.remote(task, tid, policy)
+                    writer.write(ep)
+                    return
+                except Exception as exc:  # noqa: BLE001 - a dead replica or server: retry, then report
+                    log.warning("episode %s/%s/%s failed (attempt %d): %s", policy, task, tid, attempt + 1, exc)
+                    err = f"{type(exc).__name__}: {exc}"[:500]
+            failures.append({"policy": policy, "task": task, "task_id": tid, "error": err})
+
+    await asyncio.gather(*(one(*j) for j in jobs))
+    return failures
+
+
+def run_agent_tasks(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
+    """All episodes of the suite; returns task ids, skipped tasks and failures per task."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("RolloutServer", app_name=cfg.serve.rollout.app_name)
+    path = os.path.join(out_dir, TRAJECTORIES)
+    if not cfg.eval.resume and os.path.exists(path):
+        os.remove(path)
+    done = load_done(path)
+    ids: Dict[str, List[str]] = {}
+    skipped: Dict[str, Dict[str, str]] = {}
+    for t in cfg.eval.tasks:
+        listing = handle.task_ids.remote(t.name).result()
+        ids[t.name], skipped[t.name] = [str(i) for i in listing["ids"]], listing["skipped"]
+    jobs = [(p, t, i) for p in policies for t in ids for i in ids[t] if (p, t, i) not in done]
+    log.info("%d episodes to run (%d already done)", len(jobs), len(done))
+    writer = EpisodeWriter(path)
+    t0 = time.time()
+    try:
+        failures = asyncio.run(_run_episodes(handle, jobs, writer, cfg.eval.concurrency, cfg.eval.max_retries))
+    finally:
+        writer.close()
+    return {"ids": ids, "skipped": skipped, "failures": failures, "ran": len(jobs) - len(failures),
+            "resumed": len(done), "wall_s": time.time() - t0}
+
+
+def _mc_remote(model_path: str, records: List[Dict[str, Any]], name: str, chat_template: str) -> Dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.chat import load_tokenizer
+    from pipelines.scorers import score_mc
+
+    tok = load_tokenizer(model_path, chat_template)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    return score_mc(records, model, tok, name)
+
+
+def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """General tasks per policy: {policy: {task: result}}; not applicable ones say why."""
+    import ray
+    from ray import serve
+
+    from pipelines.scorers import read_jsonl, score_math
+
+    out: Dict[str, Dict[str, Any]] = {p: {} for p in policies}
+    if not cfg.eval.general:
+        return out
+    handle = serve.get_deployment_handle("RolloutServer", app_name=cfg.serve.rollout.app_name)
+    mc_task = ray.remote(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus)(_mc_remote)
+    for g in cfg.eval.general:
+        records = read_jsonl(g.path, None if g.limit is None else g.limit + g.few_shot)
+        for name, p in policies.items():
+            if p["kind"] == "expert":
+                out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "the scripted expert has no general ability"}
+            elif g.kind == "mc" and p["kind"] != "model":
+                out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "log-likelihood needs local weights"}
+            elif g.kind == "mc":
+                out[name][g.name] = ray.get(mc_task.remote(p["model_path"], records, g.name, cfg.model.chat_template))
+            else:
+                def generate(messages, _p=name, _max=g.max_tokens):
+                    return handle.chat.remote(_p, messages, _max).result()
+
+                out[name][g.name] = score_math(records, generate, g.few_shot, g.name)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def build_report(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], run: Dict[str, Any],
+                 general: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
+    episodes = load_done(os.path.join(out_dir, TRAJECTORIES))
+    thresholds = {t.name: t.success_threshold for t in cfg.eval.tasks}
+    categories = {t.name: t.category for t in cfg.eval.tasks}
+    categories.update({g.name: g.category for g in cfg.eval.general})
+    weights, reference = dict(cfg.eval.weights), dict(cfg.eval.reference_scores)
+    report: Dict[str, Any] = {"categories": categories, "policies": {},
+                              "trajectories": os.path.join(out_dir, TRAJECTORIES),
+                              "failures": run["failures"], "skipped": run["skipped"],
+                              "wall_s": run["wall_s"], "episodes_run": run["ran"], "episodes_resumed": run["resumed"]}
+    for p in policies:
+        tasks: Dict[str, Any] = {}
+        for t, ids in run["ids"].items():
+            eps = [episodes[(p, t, i)] for i in ids if (p, t, i) in episodes]
+            tasks[t] = rep.task_summary(eps, thresholds[t], len(ids), len(run["skipped"].get(t, {})))
+        for g, res in general.get(p, {}).items():
+            tasks[g] = {k: v for k, v in res.items() if k != "predictions"}
+        scored = {t: s for t, s in tasks.items() if "not_applicable" not in s}
+        report["policies"][p] = {"kind": policies[p]["kind"], "tasks": tasks,
+                                 "categories": rep.category_scores(scored, categories, weights, reference)}
+    return report
+
+
+def log_wandb(cfg: DictConfig, report: Dict[str, Any], files: List[str]) -> None:
+    """Same numbers to wandb; offline without credentials; never blocks or fails the job."""
+    if cfg.wandb.mode == "disabled":
+        return
+    try:
+        import wandb
+
+        mode = cfg.wandb.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, tags=list(cfg.wandb.tags) + ["eval"],
+                         mode=mode, dir=cfg.eval.output_dir, config=to_dict(cfg)["eval"], reinit="finish_previous")
+        summary = {}
+        for p, r in report["policies"].items():
+            for t, s in r["tasks"].items():
+                summary[f"{p}/{t}/score"] = s["score"]
+                if "success_rate" in s:
+                    summary[f"{p}/{t}/success_rate"] = s["success_rate"]
+            for c, s in r["categories"].items():
+                summary[f"{p}/overall/{c}"] = s["score"]
+        run.log(summary)
+        run.summary.update(summary)
+        for f in files:
+            if f.endswith(".png"):
+                run.log({"report": wandb.Image(f)})
+        run.finish()
+    except Exception as exc:  # noqa: BLE001 - logging must never fail an evaluation
+        log.warning("wandb logging skipped: %s", exc)
+
+
+def main(cfg: DictConfig) -> Dict[str, Any]:
+    """Run the configured evaluation; prints where the report went."""
+    from ray import serve
+
+    from pipelines.tiny import ensure_model
+
+    out_dir = cfg.eval.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    if not cfg.eval.tasks and not cfg.eval.general:
+        raise ValueError("config key 'eval.tasks': nothing to evaluate (no tasks and no general tasks)")
+    policies = resolve_policies(cfg)
+    if any(p["kind"] == "model" and p["model_path"] == cfg.model.name_or_path for p in policies.values()):
+        ensure_model(cfg)
+    apps = deploy(cfg, policies) if cfg.eval.deploy else []
+    try:
+        run = run_agent_tasks(cfg, policies, out_dir)
+        general = run_general(cfg, policies)
+    finally:
+        for app in apps:
+            serve.delete(app)
+    report = build_report(cfg, policies, run, general, out_dir)
+    files = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
+    rep.write_json(report, files[0])
+    rep.write_markdown(report, files[1])
+    if cfg.eval.plot:
+        files.append(rep.write_plot(report, os.path.join(out_dir, "report.png")))
+    log_wandb(cfg, report, files)
+    lost = len(run["failures"])
+    print(f"evaluation report: {files[1]} ({run['ran']} episodes run, {run['resumed']} resumed"
+          f"{f', {lost} failed: re-run to complete them' if lost else ''})")
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import run_job
+
+    sys.exit(run_job("pipelines.evaluate", sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""General-ability scorers over local jsonl files (clusters point them at the real sets).
+
+- **Multiple choice, MMLU-style** (``kind: mc``): each record has a question, its options and the
+  gold option. The prompt lists the options as ``A. ...``; the model's answer is the option
+  letter with the highest log-likelihood after ``Answer:`` (as the original MMLU harness scores
+  it). Needs the model's weights (log-likelihoods of given text), so it runs where the
+  checkpoint is, not through a chat endpoint.
+- **Exact-match math, GSM8K-style** (``kind: math``): each record has a question and an answer
+  whose final number is gold (GSM8K writes it after ``####``). The model answers through the
+  chat API; the final number of its reply (after ``####`` or "the answer is", else the last
+  number) must equal the gold number.
+
+Accepted record fields (first match wins; a record with none of them is rejected, naming it):
+question: ``question`` | ``input`` | ``problem``; options: ``choices`` | ``options`` (a list, or a
+dict letter → text), or keys ``A``..``E``; gold option: ``answer`` | ``label`` | ``target`` as
+an index or a letter; math gold: ``answer`` | ``target`` | ``solution``.
+"""
+
+import json
+import logging
+import math
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJ"
+_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+class RecordError(ValueError):
+    """A record the scorer cannot use; the message names the record and field."""
+
+
+def read_jsonl(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Records of a jsonl file (blank lines skipped); bad JSON raises naming the line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{n}: not JSON: {exc}") from None
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _first(rec: Dict[str, Any], keys: Sequence[str], where: str) -> Any:
+    for k in keys:
+        if k in rec and rec[k] is not None:
+            return rec[k]
+    raise RecordError(f"{where}: missing field (one of {', '.join(keys)})")
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def mc_fields(rec: Dict[str, Any], where: str = "record") -> Tuple[str, List[str], int]:
+    """(question, options, gold index) of an MMLU-style record."""
+    question = str(_first(rec, ("question", "input", "problem"), where))
+    opts = rec.get("choices", rec.get("options"))
+    if isinstance(opts, dict):
+        opts = [opts[k] for k in sorted(opts)]
+    if opts is None:
+        opts = [rec[k] for k in LETTERS if k in rec]
+    if not isinstance(opts, list) or len(opts) < 2:
+        raise RecordError(f"{where}: needs at least two options (choices/options or A..E)")
+    gold = _first(rec, ("answer", "label", "target"), where)
+    if isinstance(gold, str) and gold.strip().upper() in LETTERS[: len(opts)] and len(gold.strip()) == 1:
+        idx = LETTERS.index(gold.strip().upper())
+    elif isinstance(gold, (int, float)) or (isinstance(gold, str) and gold.strip().isdigit()):
+        idx = int(gold)
+    else:
+        raise RecordError(f"{where}: field 'answer' must be an index or a letter, got {gold!r}")
+    if not 0 <= idx < len(opts):
+        raise RecordError(f"{where}: answer {gold!r} is out of range for {len(opts)} options")
+    return question, [str(o) for o in opts], idx
+
+
+def mc_prompt(question: str, options: List[str], subject: Optional[str] = None) -> str:
+    head = f"The following is a multiple choice question about {subject.replace('_', ' ')}.\n\n" if subject else ""
+    lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    return head + question.strip() + "\n" + "\n".join(lines) + "\nAnswer:"
+
+
+def loglik(model: Any, tok: Any, context: str, continuations: List[str]) -> List[float]:
+    """Sum of log p(continuation tokens | context) for each continuation (one padded batch)."""
+    import torch
+
+    ctx = tok(context, add_special_tokens=True)["input_ids"]
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    seqs = [ctx + c for c in conts]
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [N, T, V]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens 1..T-1
+    out = []
+    for i, c in enumerate(conts):
+        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c), device=logp.device)
+        out.append(float(logp[i, pos, torch.tensor(c, device=logp.device)].sum()))
+    return out
+
+
+def score_mc(records: List[Dict[str, Any]], model: Any, tok: Any, name: str = "mc") -> Dict[str, Any]:
+    """Accuracy of letter log-likelihood answers; per-record predictions for the report."""
+    preds = []
+    for i, rec in enumerate(records):
+        q, opts, gold = mc_fields(rec, f"{name} record {i}")
+        scores = loglik(model, tok, mc_prompt(q, opts, rec.get("subject")), [f" {LETTERS[j]}" for j in range(len(opts))])
+        pred = max(range(len(opts)), key=lambda j: scores[j])
+        preds.append({"index": i, "pred": pred, "gold": gold, "correct": pred == gold, "subject": rec.get("subject")})
+    n = len(preds)
+    return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "predictions": preds}
+
+
+# ----------------------------------------------------------------------------- math exact match
+
+
+def _to_number(s: str) -> Optional[float]:
+    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def extract_final_number(text: str) -> Optional[float]:
+    """The final answer of a worked solution: after ``####``, else after "answer is", else last number."""
+    for pat in (rf"####\s*({_NUM})", rf"answer is[:\s]*\(?({_NUM})"):
+        m = re.findall(pat, text, flags=re.IGNORECASE)
+        if m:
+            return _to_number(m[-1])
+    nums = re.findall(_NUM, text)
+    return _to_number(nums[-1]) if nums else None
+
+
+def math_gold(rec: Dict[str, Any], where: str = "record") -> float:
+    raw = _first(rec, ("answer", "target", "solution"), where)
+    if isinstance(raw, (int, float)):
+        return float(raw)
+    gold = extract_final_number(str(raw))
+    if gold is None:
+        raise RecordError(f"{where}: field 'answer' holds no number: {str(raw)[:80]!r}")
+    return gold
+
+
+def numbers_equal(a: Optional[float], b: Optional[float]) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def math_messages(question: str, shots: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+    """Chat prompt: worked examples as earlier turns, then the question."""
+    instruction = "Solve the problem step by step. End with '#### <number>'."
+    msgs: List[Dict[str, str]] = []
+    for i, s in enumerate(shots):
+        q = str(_first(s, ("question", "input", "problem"), f"few-shot record {i}"))
+        msgs += [{"role": "user", "content": f"{instruction}\n\n{q}" if i == 0 else q},
+                 {"role": "assistant", "content": str(_first(s, ("answer", "target", "solution"), f"few-shot record {i}"))}]
+    msgs.append({"role": "user", "content": question if shots else f"{instruction}\n\n{question}"})
+    return msgs
+
+
+def score_math(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str, str]]], str],
+               few_shot: int = 0, name: str = "math") -> Dict[str, Any]:
+    """Exact match of final numbers; ``generate(messages) -> reply text`` is the policy."""
+    shots, evals = records[:few_shot], records[few_shot:]
+    preds = []
+    for i, rec in enumerate(evals):
+        where = f"{name} record {i + few_shot}"
+        q, gold = str(_first(rec, ("question", "input", "problem"), where)), math_gold(rec, where)
+        reply = generate(math_messages(q, shots))
+        pred = extract_final_number(reply)
+        preds.append({"index": i + few_shot, "pred": pred, "gold": gold, "correct": numbers_equal(pred, gold),
+                      "reply": reply[-500:]})
+    n = len(preds)
+    return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "predictions": preds}
