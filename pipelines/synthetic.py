@@ -61,3 +61,17 @@ def write_jsonl(path: str, records: Iterator[Dict]) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def main(out_dir: str = "examples/data") -> None:
+    """Write the small example files the data quickstart reads (`python -m pipelines.synthetic`)."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    a = write_jsonl(os.path.join(out_dir, "agentinstruct_example.jsonl"), agentinstruct_records(120, seed=0, scale=0.3))
+    g = write_jsonl(os.path.join(out_dir, "sharegpt_example.jsonl"), sharegpt_records(600, seed=0, scale=0.3))
+    print(f"wrote {a} agent and {g} general example records to {out_dir}/")
+
+
+if __name__ == "__main__":
+    main()
