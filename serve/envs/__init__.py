@@ -20,6 +20,7 @@ from serve.envs.base import (
     Status,
     StepResult,
     Task,
+    TaskSetupError,
     UnknownTask,
     _REGISTRY,
     register,
@@ -78,5 +79,5 @@ def available() -> List[str]:
 
 __all__ = [
     "Env", "EnvError", "Episode", "EpisodeOver", "InvalidAction", "InvalidFormat", "Status",
-    "StepResult", "Task", "UnknownTask", "available", "get_class", "load", "register", "run_episode",
+    "StepResult", "Task", "TaskSetupError", "UnknownTask", "available", "get_class", "load", "register", "run_episode",
 ]

@@ -82,6 +82,10 @@ class EpisodeOver(EnvError):
     """step() after the episode ended, or before any reset()."""
 
 
+class TaskSetupError(RuntimeError):
+    """The environment could not set up an episode (backend down, sandbox unavailable)."""
+
+
 class InvalidFormat(Exception):
     """Raised by ``act``: the agent's text does not parse; ``feedback`` is shown to the agent."""
 
@@ -260,7 +264,15 @@ class Env(ABC):
         self._end_quietly()
         self._clear_episode()
         self.current = task
-        messages = [dict(m) for m in self.start(task)]
+        try:
+            messages = [dict(m) for m in self.start(task)]
+        except (EnvError, TaskSetupError):
+            self._end_quietly()
+            raise
+        except Exception as exc:  # noqa: BLE001 — reported as a setup failure naming the task
+            self._end_quietly()
+            raise TaskSetupError(f"{self.name}: cannot set up task {task.id!r}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         self.history = [dict(m) for m in messages]
         self.done = False
         return messages

@@ -25,14 +25,14 @@ Requires ``bwrap`` (Debian: bubblewrap) and either root or unprivileged user nam
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import logging
 import os
 import random
-import resource  # imported here: after the child's setuid the interpreter's files may be unreadable
 import select
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +41,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWUSER = 0x10000000
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.sandbox/bin"
 # Copied from the host's /etc into the template: tool configuration, no credentials or keys.
 ETC_ALLOW = ("alternatives", "bash.bashrc", "profile", "profile.d", "skel", "login.defs",
@@ -66,6 +65,28 @@ if [ "$(id -u)" != 0 ]; then echo "sudo: a password is required" >&2; exit 1; fi
 [ $# -eq 0 ] && exec bash --login
 if [ "$user" != root ]; then exec su -s /bin/bash "$user" -c "$(printf '%q ' "$@")"; fi
 exec "$@"
+"""
+
+
+# Runs in a fresh interpreter: enter a new user namespace, wait for the parent to write the
+# uid/gid maps (only a privileged parent can map a whole range), become root there, exec bwrap.
+_HELPER = """
+import ctypes, os, resource, sys
+sync_w, go_r, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000) != 0:
+    sys.stderr.write("unshare(CLONE_NEWUSER) failed: errno %d\\n" % ctypes.get_errno())
+    os._exit(97)
+os.write(sync_w, b"u")
+if os.read(go_r, 1) != b"g":
+    os._exit(98)
+os.setgid(0)
+os.setgroups([])
+os.setuid(0)
+resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+os.close(sync_w)
+os.close(go_r)
+os.execv(sys.argv[4], sys.argv[4:])  # absolute path: no imports after setuid
 """
 
 
@@ -182,7 +203,7 @@ def template_dir() -> str:
 
 
 def _bwrap_argv(template: str, limits: SandboxLimits) -> List[str]:
-    argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
+    argv = [shutil.which("bwrap") or "/usr/bin/bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
             "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", "/",
             "--ro-bind", "/usr", "/usr"]
@@ -212,37 +233,25 @@ class Sandbox:
         self._out, out_w = os.pipe()
         sync_r, sync_w = os.pipe()  # child -> parent: "user namespace created"
         go_r, go_w = os.pipe()  # parent -> child: "uid map written"
-        pid = os.fork()
-        if pid == 0:  # child: only async-signal-safe-ish calls until exec
-            try:
-                os.dup2(in_r, 0)
-                os.dup2(out_w, 1)
-                os.dup2(self._stderr.fileno(), 2)
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.unshare(CLONE_NEWUSER) != 0:
-                    os.write(2, b"unshare(CLONE_NEWUSER) failed: errno %d\n" % ctypes.get_errno())
-                    os._exit(97)
-                os.write(sync_w, b"u")
-                if os.read(go_r, 1) != b"g":
-                    os._exit(98)
-                os.setgid(0)
-                os.setgroups([])
-                os.setuid(0)
-                resource.setrlimit(resource.RLIMIT_NPROC, (self.limits.nproc, self.limits.nproc))
-                os.closerange(3, 1024)
-                os.execvp(argv[0], argv)
-            except BaseException as exc:  # noqa: BLE001 — never return into the parent's code
-                try:
-                    os.write(2, f"sandbox child: {type(exc).__name__}: {exc}\n".encode())
-                except BaseException:  # noqa: BLE001
-                    pass
-            os._exit(99)
+        # A fresh helper process (not os.fork: forking a process that runs gRPC/Ray threads can
+        # leave the child multi-threaded, and unshare(CLONE_NEWUSER) then fails with EINVAL).
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-S", "-c", _HELPER, str(sync_w), str(go_r), str(self.limits.nproc), *argv],
+                stdin=in_r, stdout=out_w, stderr=self._stderr, pass_fds=(sync_w, go_r), close_fds=True)
+        except OSError as exc:
+            raise SandboxUnavailable(f"cannot start the sandbox helper: {exc}") from None
+        pid, self.proc = proc.pid, proc
         self.pid, self._buf = pid, b""
         for fd in (in_r, out_w, sync_w, go_r):
             os.close(fd)
         try:
             ready, _, _ = select.select([sync_r], [], [], start_timeout)
             if not ready or os.read(sync_r, 1) != b"u":
+                try:
+                    proc.wait(timeout=1.0)  # let the helper finish writing its error
+                except subprocess.TimeoutExpired:
+                    pass
                 raise SandboxUnavailable(f"cannot create a user namespace: {self._stderr_text()}")
             try:
                 for name in ("uid_map", "gid_map"):
@@ -311,7 +320,7 @@ class Sandbox:
         self._call({"op": "start", "cmd": cmd}, 5.0)
 
     def alive(self) -> bool:
-        return self.pid is not None and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        return self.pid is not None and self.proc.poll() is None
 
     def close(self) -> None:
         """Stop every process of the sandbox and free its memory. Idempotent."""
@@ -324,18 +333,13 @@ class Sandbox:
                 except OSError:
                     pass
                 setattr(self, fd, None)
-        if pid:
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                    break
-                time.sleep(0.01)
-            else:
-                try:
-                    os.kill(pid, 9)  # bwrap; its PID namespace dies with it
-                except ProcessLookupError:
-                    pass
-                os.waitpid(pid, 0)
+        proc = getattr(self, "proc", None)
+        if pid and proc is not None:
+            try:
+                proc.wait(timeout=2.0)  # the executor exits on stdin EOF; the namespace dies with it
+            except subprocess.TimeoutExpired:
+                proc.kill()  # bwrap; its PID namespace dies with it
+                proc.wait()
         self._stderr.close()
 
     def __enter__(self) -> "Sandbox":

@@ -1,0 +1,332 @@
+"""Environment server: agent environments as a Ray Serve application (HTTP + handle API).
+
+HTTP (DESIGN.md), JSON bodies, errors as ``{"error": {"reason": ..., "status": code}}``::
+
+    GET    /envs                         names, task counts, splits, skipped tasks
+    POST   /envs/{env}/sessions          {"task_id": "3"}  -> {session_id, messages}
+    POST   /sessions/{session_id}/step   {"action": "..."} -> {observation, reward, done, status, info}
+    DELETE /sessions/{session_id}        -> {closed: true}
+    GET    /sessions/{session_id}/expert -> {action}: the scripted expert's next action
+
+The same operations are methods for a DeploymentHandle: ``list_envs()``,
+``create_session(env, task_id)``, ``step(session_id, action)``, ``expert_action(session_id)``,
+``close_session(session_id)``.
+
+Sessions live in the replica that created them (an episode holds a sandbox or a database): a
+per-replica cap (over it: 429 with the reason), an idle timeout (expired: 410), and ids that
+name their replica, so a request for a session whose replica is gone gets 410 with that reason
+instead of hanging. Blocking environment work runs in a thread pool, so sessions step
+concurrently. Run it with ``python -m serve.env_server CONFIG`` (section ``envs``).
+"""
+
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+
+from serve.envs import EnvError, EpisodeOver, TaskSetupError, UnknownTask, load
+
+log = logging.getLogger(__name__)
+
+
+class EnvServerError(Exception):
+    """An API error: HTTP status code and a reason for the client."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"reason": self.reason, "status": self.status}}
+
+
+@dataclass
+class _Session:
+    id: str
+    env_name: str
+    task_id: str
+    env: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    turns: int = 0
+
+
+class SessionManager:
+    """Sessions of one replica (plain Python: usable without Serve, and unit-testable)."""
+
+    def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
+                 idle_timeout_s: float = 600.0) -> None:
+        """``envs``: served name -> {"env": registry name (default: the served name),
+        "path": task file or None, "options": {...}}."""
+        self.tag = secrets.token_hex(4)  # names this replica inside every session id
+        self.max_sessions, self.idle_timeout_s = int(max_sessions), float(idle_timeout_s)
+        self.envs: Dict[str, Any] = {}
+        self.errors: Dict[str, str] = {}
+        for name, spec in envs.items():
+            spec = dict(spec or {})
+            try:
+                self.envs[name] = load(spec.get("env") or name, spec.get("path"), **dict(spec.get("options") or {}))
+            except Exception as exc:  # noqa: BLE001 — one broken env must not take the others down
+                log.error("env %s unavailable: %s", name, exc)
+                self.errors[name] = f"{type(exc).__name__}: {exc}"
+        self.sessions: Dict[str, _Session] = {}
+        self.expired: Dict[str, str] = {}  # recently ended session id -> why
+        self._lock = threading.Lock()
+
+    def list_envs(self) -> Dict[str, Any]:
+        out = []
+        for name, env in self.envs.items():
+            out.append({"name": name, "env": env.name, "tasks": len(env.tasks()),
+                        "splits": {k: len(v) for k, v in env.splits().items()},
+                        "skipped": dict(env.skipped)})
+        out += [{"name": n, "error": e} for n, e in self.errors.items()]
+        return {"envs": out, "sessions": len(self.sessions), "max_sessions": self.max_sessions}
+
+    def create(self, env_name: str, task_id: Union[str, int]) -> Dict[str, Any]:
+        if env_name in self.errors:
+            raise EnvServerError(503, f"environment {env_name!r} is unavailable: {self.errors[env_name]}")
+        if env_name not in self.envs:
+            raise EnvServerError(404, f"unknown environment {env_name!r}; have {sorted(self.envs)}")
+        sid = f"{self.tag}-{secrets.token_hex(8)}"
+        with self._lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise EnvServerError(429, f"this replica already runs {len(self.sessions)} sessions "
+                                          f"(max_sessions={self.max_sessions}); retry later or close sessions")
+            self.sessions[sid] = _Session(sid, env_name, str(task_id), None)  # reserves the slot
+        env = self.envs[env_name].spawn()
+        try:
+            messages = env.reset(str(task_id))
+        except UnknownTask as exc:
+            self._drop(sid)
+            raise EnvServerError(404, str(exc)) from None
+        except (TaskSetupError, EnvError) as exc:
+            self._drop(sid)
+            raise EnvServerError(500 if isinstance(exc, TaskSetupError) else 400, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 — reported, never a hang
+            self._drop(sid)
+            raise EnvServerError(500, f"{env_name}: reset failed: {type(exc).__name__}: {exc}") from None
+        self.sessions[sid].env = env
+        return {"session_id": sid, "env": env_name, "task_id": str(task_id), "messages": messages}
+
+    def _get(self, sid: str) -> _Session:
+        s = self.sessions.get(sid)
+        if s is not None and s.env is not None:
+            return s
+        if sid in self.expired:
+            raise EnvServerError(410, f"session {sid} {self.expired[sid]}")
+        if not sid.startswith(self.tag + "-"):
+            raise EnvServerError(410, f"session {sid} is not held by this env-server replica: it was "
+                                      "lost with the replica that created it (restarted or scaled down)")
+        raise EnvServerError(404, f"no session {sid}")
+
+    def step(self, sid: str, action: str) -> Dict[str, Any]:
+        s = self._get(sid)
+        if not s.lock.acquire(blocking=False):
+            raise EnvServerError(409, f"session {sid} is already running a step")
+        try:
+            s.last_used = time.monotonic()
+            try:
+                result = s.env.step(action)
+            except EpisodeOver as exc:
+                raise EnvServerError(409, str(exc)) from None
+            except EnvError as exc:
+                raise EnvServerError(400, str(exc)) from None
+            s.turns += 1
+            s.last_used = time.monotonic()
+            return result.to_dict()
+        finally:
+            s.lock.release()
+
+    def expert(self, sid: str) -> Dict[str, Any]:
+        """The scripted expert's next action for this session (offline trajectory construction)."""
+        s = self._get(sid)
+        with s.lock:
+            try:
+                return {"action": s.env.expert_action()}
+            except EnvError as exc:
+                raise EnvServerError(409, str(exc)) from None
+
+    def close(self, sid: str, why: str = "was closed") -> Dict[str, Any]:
+        s = self._get(sid)
+        self._drop(sid, why)
+        with s.lock:  # wait for a running step to finish before freeing its resources
+            s.env.close()
+        return {"session_id": sid, "closed": True, "turns": s.turns}
+
+    def _drop(self, sid: str, why: Optional[str] = None) -> None:
+        with self._lock:
+            self.sessions.pop(sid, None)
+            if why:
+                self.expired[sid] = why
+                while len(self.expired) > 10000:
+                    self.expired.pop(next(iter(self.expired)))
+
+    def reap_idle(self) -> int:
+        """Close sessions idle longer than idle_timeout_s; returns how many."""
+        now = time.monotonic()
+        idle = [s.id for s in list(self.sessions.values())
+                if s.env is not None and not s.lock.locked() and now - s.last_used > self.idle_timeout_s]
+        for sid in idle:
+            try:
+                self.close(sid, f"expired after {self.idle_timeout_s:g}s without a request")
+            except EnvServerError:
+                pass
+        return len(idle)
+
+    def shutdown(self) -> None:
+        for sid in list(self.sessions):
+            try:
+                self.close(sid, "was closed when its replica shut down")
+            except EnvServerError:
+                pass
+        for env in self.envs.values():
+            env.shutdown()
+
+
+# ----------------------------------------------------------------------------- Serve
+
+app = FastAPI(title="AgentTuning environment server")
+
+
+class CreateBody(BaseModel):
+    task_id: Union[str, int]
+
+
+class StepBody(BaseModel):
+    action: str
+
+
+@app.exception_handler(EnvServerError)
+async def _api_error(request: Request, exc: EnvServerError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": {"reason": f"bad request body: {where}", "status": 400}}, status_code=400)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class EnvServer:
+    """Serve deployment hosting environment sessions (see module docstring)."""
+
+    def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
+                 idle_timeout_s: float = 600.0, reap_every_s: float = 5.0) -> None:
+        self.manager = SessionManager(envs, max_sessions, idle_timeout_s)
+        # One thread per possible session, so every session can step at the same time.
+        self.pool = ThreadPoolExecutor(max_workers=max_sessions + 4, thread_name_prefix="env")
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, args=(reap_every_s,), daemon=True)
+        self._reaper.start()
+
+    def _reap(self, every: float) -> None:
+        while not self._stop.wait(every):
+            n = self.manager.reap_idle()
+            if n:
+                log.info("closed %d idle sessions", n)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # Handle API (also what the HTTP routes call).
+    async def list_envs(self) -> Dict[str, Any]:
+        return self.manager.list_envs()
+
+    async def create_session(self, env: str, task_id: Union[str, int]) -> Dict[str, Any]:
+        return await self._run(self.manager.create, env, task_id)
+
+    async def step(self, session_id: str, action: str) -> Dict[str, Any]:
+        return await self._run(self.manager.step, session_id, action)
+
+    async def expert_action(self, session_id: str) -> Dict[str, Any]:
+        return await self._run(self.manager.expert, session_id)
+
+    async def close_session(self, session_id: str) -> Dict[str, Any]:
+        return await self._run(self.manager.close, session_id)
+
+    # HTTP routes.
+    @app.get("/envs")
+    async def http_envs(self) -> Dict[str, Any]:
+        return await self.list_envs()
+
+    @app.post("/envs/{env}/sessions")
+    async def http_create(self, env: str, body: CreateBody) -> Dict[str, Any]:
+        return await self.create_session(env, body.task_id)
+
+    @app.post("/sessions/{session_id}/step")
+    async def http_step(self, session_id: str, body: StepBody) -> Dict[str, Any]:
+        return await self.step(session_id, body.action)
+
+    @app.get("/sessions/{session_id}/expert")
+    async def http_expert(self, session_id: str) -> Dict[str, Any]:
+        return await self.expert_action(session_id)
+
+    @app.delete("/sessions/{session_id}")
+    async def http_close(self, session_id: str) -> Dict[str, Any]:
+        return await self.close_session(session_id)
+
+    def __del__(self) -> None:
+        self._stop.set()
+        self.manager.shutdown()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def build_env_app(envs_cfg: Dict[str, Any]):
+    """The env server application from the ``envs`` config section (a plain dict)."""
+    srv = envs_cfg.get("server", {})
+    opts: Dict[str, Any] = {
+        "max_ongoing_requests": srv.get("max_ongoing_requests", 256),
+        "ray_actor_options": {"num_cpus": srv.get("num_cpus", 1.0)},
+    }
+    auto = srv.get("autoscaling")
+    if auto and auto.get("max_replicas", 1) > auto.get("min_replicas", 1):
+        opts["autoscaling_config"] = dict(auto)
+    else:
+        opts["num_replicas"] = srv.get("num_replicas", 1)
+    specs = {name: spec for name, spec in (envs_cfg.get("tasks") or {}).items()
+             if spec is None or spec.get("enabled", True)}
+    specs = {n: {k: v for k, v in (s or {}).items() if k != "enabled"} for n, s in specs.items()}
+    return EnvServer.options(**opts).bind(specs, srv.get("max_sessions", 64),
+                                          srv.get("idle_timeout_s", 600.0))
+
+
+def main(cfg) -> None:
+    """``python -m serve.env_server CONFIG``: serve the environments until interrupted."""
+    import os
+
+    import ray
+
+    from pipelines.config import to_dict
+
+    c = to_dict(cfg)["envs"]
+    srv = c.get("server", {})
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    serve.start(http_options={"host": srv.get("host", "127.0.0.1"), "port": srv.get("port", 8000)})
+    serve.run(build_env_app(c), name="envs", route_prefix=srv.get("route_prefix", "/"))
+    url = f"http://{srv.get('host', '127.0.0.1')}:{srv.get('port', 8000)}{srv.get('route_prefix', '/').rstrip('/')}"
+    print(f"environment server: {url}/envs  (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    from pipelines.cli import run_job
+
+    raise SystemExit(run_job("serve.env_server", __import__("sys").argv[1:]))

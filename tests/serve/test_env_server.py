@@ -1,0 +1,129 @@
+"""Environment server on a real local Ray Serve, driven over HTTP (and SessionManager directly)."""
+
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from serve.env_server import EnvServerError, SessionManager
+
+HAVE_BWRAP = shutil.which("bwrap") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, shared_data):
+    from ray import serve
+
+    from serve.env_server import EnvServer
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    envs = {"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl")}}
+    if HAVE_BWRAP:
+        envs["os"] = {"path": str(shared_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
+    app = EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
+    serve.run(app, name="envs_test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _episode(base: str, env: str, task_id: str) -> dict:
+    r = requests.post(f"{base}/envs/{env}/sessions", json={"task_id": task_id}, timeout=60)
+    assert r.status_code == 200, (env, task_id, r.text)
+    sid = r.json()["session_id"]
+    assert r.json()["messages"][-1]["role"] == "user"
+    for _ in range(20):
+        action = requests.get(f"{base}/sessions/{sid}/expert", timeout=60).json()["action"]
+        out = requests.post(f"{base}/sessions/{sid}/step", json={"action": action}, timeout=60)
+        assert out.status_code == 200, (env, task_id, out.text)
+        out = out.json()
+        if out["done"]:
+            break
+    assert requests.delete(f"{base}/sessions/{sid}", timeout=60).json()["closed"]
+    return out
+
+
+def test_list_envs(server):
+    body = requests.get(f"{server}/envs", timeout=30).json()
+    envs = {e["name"]: e for e in body["envs"]}
+    assert envs["db"]["tasks"] == 60 and envs["db"]["splits"] == {"dev": 60}
+    if HAVE_BWRAP:
+        assert envs["os"]["tasks"] == 23 and set(envs["os"]["skipped"]) == {"3", "5", "25"}
+
+
+def test_50_concurrent_expert_sessions_over_http(server):
+    jobs = [("db", str(i)) for i in range(35)]
+    jobs += [("os", t) for t in ["0", "6", "7", "8", "9", "11", "12", "13", "14", "17", "18", "21", "22", "23", "24"]]
+    if not HAVE_BWRAP:
+        jobs = [("db", str(i)) for i in range(50)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda j: _episode(server, *j), jobs))
+    assert len(results) == 50
+    bad = [(j, r) for j, r in zip(jobs, results) if r["status"] != "completed" or r["reward"] != 1.0]
+    assert not bad
+    assert time.monotonic() - t0 < 120
+    assert requests.get(f"{server}/envs", timeout=30).json()["sessions"] == 0
+
+
+def test_http_errors(server):
+    def err(resp, code):
+        assert resp.status_code == code, resp.text
+        return resp.json()["error"]["reason"]
+
+    assert "unknown environment 'nope'" in err(requests.post(f"{server}/envs/nope/sessions", json={"task_id": "0"}), 404)
+    assert "no task '999'" in err(requests.post(f"{server}/envs/db/sessions", json={"task_id": "999"}), 404)
+    assert "task_id" in err(requests.post(f"{server}/envs/db/sessions", json={"task": "0"}), 400)
+    assert "lost with the replica" in err(requests.post(f"{server}/sessions/zzz/step", json={"action": "x"}), 410)
+    sid = requests.post(f"{server}/envs/db/sessions", json={"task_id": 0}).json()["session_id"]
+    assert "no session" in err(requests.post(f"{server}/sessions/{sid}x/step", json={"action": "x"}), 404)
+    assert "action" in err(requests.post(f"{server}/sessions/{sid}/step", json={}), 400)
+    r = requests.post(f"{server}/sessions/{sid}/step", json={"action": "no idea"}).json()
+    assert r["done"] and r["status"] == "invalid_format"
+    assert "no running episode" in err(requests.post(f"{server}/sessions/{sid}/step", json={"action": "x"}), 409)
+    requests.delete(f"{server}/sessions/{sid}")
+    assert "was closed" in err(requests.delete(f"{server}/sessions/{sid}"), 410)
+
+
+def test_session_cap_gives_429(server):
+    sids = []
+    try:
+        for _ in range(64):
+            r = requests.post(f"{server}/envs/db/sessions", json={"task_id": "1"}, timeout=60)
+            assert r.status_code == 200, r.text
+            sids.append(r.json()["session_id"])
+        r = requests.post(f"{server}/envs/db/sessions", json={"task_id": "1"}, timeout=60)
+        assert r.status_code == 429 and "max_sessions=64" in r.json()["error"]["reason"]
+    finally:
+        for sid in sids:
+            requests.delete(f"{server}/sessions/{sid}", timeout=60)
+
+
+def test_manager_idle_timeout_and_lost_replica(shared_data):
+    m = SessionManager({"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl"),
+                               "options": {"backend": "sqlite"}}}, max_sessions=2, idle_timeout_s=0.2)
+    a = m.create("db", "0")["session_id"]
+    b = m.create("db", "1")["session_id"]
+    with pytest.raises(EnvServerError) as exc:
+        m.create("db", "2")
+    assert exc.value.status == 429
+    time.sleep(0.3)
+    m.step(b, "Action: Operation\n```sql\nSELECT 1\n```")  # keeps b alive
+    assert m.reap_idle() == 1
+    with pytest.raises(EnvServerError) as exc:
+        m.step(a, "x")
+    assert exc.value.status == 410 and "expired after 0.2s" in exc.value.reason
+    other = SessionManager({}, 1, 1.0)  # a different replica: its ids are not ours
+    with pytest.raises(EnvServerError) as exc:
+        m.step(other.tag + "-0123", "x")
+    assert exc.value.status == 410 and "lost with the replica" in exc.value.reason
+    m.shutdown()
