@@ -1,6 +1,7 @@
 """ALFWorld on AgentBench's dev games (real game files, real TextWorld engine)."""
 
 import random
+import socket
 import threading
 
 import pytest
@@ -93,6 +94,56 @@ def test_concurrent_episodes_share_a_bounded_engine_pool(shared_data):
     assert env.pool.started == 1 and env.pool.size == 1  # capped: the second episode waited, reused it
     env.shutdown()
     assert env.pool.size == 0
+
+
+@pytest.fixture(scope="module")
+def env_server(ray_local, shared_data):
+    """The env server (serve.env_server) on local Ray Serve, serving ALFWorld over HTTP."""
+    server_mod = pytest.importorskip("serve.env_server")
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    envs = {"alfworld": {"path": str(shared_data / "alfworld" / "agentbench_dev.json")}}
+    app = server_mod.EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 16, 600.0)
+    serve.run(app, name="alfworld_env_server", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _http_expert_episode(base: str, task_id: str) -> dict:
+    import requests
+
+    r = requests.post(f"{base}/envs/alfworld/sessions", json={"task_id": task_id}, timeout=120)
+    assert r.status_code == 200, r.text
+    sid = r.json()["session_id"]
+    for _ in range(40):
+        action = requests.get(f"{base}/sessions/{sid}/expert", timeout=60).json()["action"]
+        out = requests.post(f"{base}/sessions/{sid}/step", json={"action": action}, timeout=60).json()
+        if out["done"]:
+            break
+    requests.delete(f"{base}/sessions/{sid}", timeout=60)
+    return out
+
+
+def test_expert_wins_through_env_server(env_server, env):
+    import requests
+
+    listing = {e["name"]: e for e in requests.get(f"{env_server}/envs", timeout=30).json()["envs"]}
+    assert listing["alfworld"]["tasks"] == 20 and listing["alfworld"]["splits"] == {"dev": 20}
+    out = _http_expert_episode(env_server, env.tasks()[0])
+    assert out["done"] and out["status"] == "completed" and out["reward"] == 1.0
+
+
+@pytest.mark.slow
+def test_expert_wins_all_dev_games_through_env_server(env_server, env):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda t: _http_expert_episode(env_server, t), env.tasks()))
+    assert sum(o["reward"] for o in outs) / len(outs) >= 0.95
 
 
 @pytest.mark.slow
