@@ -269,6 +269,7 @@ class EvalConfig:
     resume: bool = True  # skip episodes already in trajectories.jsonl
     max_retries: int = 1  # per episode, after a rollout replica or server failure
     deploy: bool = True  # start the model/rollout apps here; false = use running ones
+    teardown: bool = True  # delete the apps this job deployed when it ends
     plot: bool = True
 
 

@@ -266,7 +266,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
         run = run_agent_tasks(cfg, policies, out_dir)
         general = run_general(cfg, policies)
     finally:
-        for app in apps:
+        for app in apps if cfg.eval.teardown else []:
             serve.delete(app)
     report = build_report(cfg, policies, run, general, out_dir)
     files = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]

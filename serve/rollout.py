@@ -1,0 +1,300 @@
+"""Rollouts: whole episodes environment ↔ policy, as a Ray Serve deployment.
+
+A policy turns the conversation so far into the agent's next message:
+
+- ``model``: our model deployment (``serve.llm.LLMServer``), called through its Serve handle;
+- ``openai``: any OpenAI-compatible endpoint (``base_url``, ``model``; the API key is read from
+  the environment variable named by ``api_key_env``, never from the config file);
+- ``expert``: the environment's scripted expert (``Env.expert_action``), through the same loop,
+  so expert and model numbers come from one code path.
+
+Context handling (``context_policy``): ``truncate`` keeps the opening messages (instruction and
+few-shot) and drops the oldest (action, observation) pairs until the prompt fits
+``context_limit`` tokens, telling the model how many messages were omitted, as AgentBench's
+session filter does; ``end`` ends the episode with status ``context_limit`` instead. A server
+that rejects a prompt as too long also ends the episode with ``context_limit``.
+
+An episode record (what :meth:`RolloutServer.run` returns and evaluation stores) is
+AgentInstruct-shaped: ``{"id", "conversations": [{"from": "human"|"gpt", "value", "loss"}],
+"env", "task", "task_id", "policy", "reward", "status", "turns", "info", "elapsed_s"}``; the
+opening few-shot answers carry ``loss: false``, the agent's own turns ``loss: true``.
+"""
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+OMITTED_NOTICE = "[NOTICE] {n} messages are omitted.\n"
+
+
+class ContextLimit(Exception):
+    """The conversation no longer fits the policy's context window."""
+
+
+# ----------------------------------------------------------------------------- context handling
+
+
+def _approx_tokens(text: str) -> int:
+    # Without a tokenizer (an outside endpoint), ~4 characters per token is the usual estimate.
+    return len(text) // 4 + 1
+
+
+def fit_context(messages: List[Dict[str, Any]], n_open: int, limit: Optional[int], count) -> List[Dict[str, Any]]:
+    """Messages that fit ``limit`` tokens: opening messages + the newest turns (AgentBench style).
+
+    ``messages`` alternate after the ``n_open`` opening ones and end with a user message.
+    Drops whole (assistant, user) pairs from the oldest end; raises ContextLimit when even the
+    opening messages plus the last observation do not fit.
+    """
+    if limit is None or count(messages) <= limit:
+        return messages
+    head, tail = messages[:n_open], messages[n_open:]
+    for drop in range(2, len(tail), 2):
+        # The opening messages end with the task's user turn and the kept tail starts with an
+        # assistant turn, so alternation holds; the notice goes at the end of that user turn.
+        last = dict(head[-1])
+        last["content"] = last["content"] + "\n" + OMITTED_NOTICE.format(n=drop)
+        candidate = head[:-1] + [last] + tail[drop:]
+        if count(candidate) <= limit:
+            return candidate
+    raise ContextLimit(f"prompt needs more than {limit} tokens even with the history truncated")
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+class ChatPolicy:
+    """Base of the policies that query a chat model; subclasses implement ``_complete``."""
+
+    def __init__(self, cfg: Dict[str, Any]):
+        self.cfg = cfg
+        self.context_limit: Optional[int] = cfg.get("context_limit")
+        self.context_policy = cfg.get("context_policy", "truncate")
+        self._tok = None
+        if cfg.get("tokenizer"):
+            from pipelines.chat import load_tokenizer
+
+            self._tok = load_tokenizer(cfg["tokenizer"], cfg.get("chat_template", "llama2"))
+
+    def count(self, messages: List[Dict[str, Any]]) -> int:
+        if self._tok is not None:
+            from pipelines.chat import prompt_ids
+
+            return len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt"))) + int(self.cfg.get("max_tokens", 512))
+        return sum(_approx_tokens(m["content"]) + 4 for m in messages) + int(self.cfg.get("max_tokens", 512))
+
+    def body(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> Dict[str, Any]:
+        max_tokens = max_tokens or int(self.cfg.get("max_tokens", 512))
+        return {"model": self.cfg.get("model") or "", "messages": messages, "max_tokens": max_tokens,
+                "temperature": float(self.cfg.get("temperature", 0.0)), "top_p": float(self.cfg.get("top_p", 1.0)),
+                "stop": list(self.cfg.get("stop") or []) or None}
+
+    async def act(self, history: List[Dict[str, Any]], n_open: int) -> Tuple[str, Dict[str, Any]]:
+        """(action text, info) for the conversation; raises ContextLimit."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in history]
+        limit = self.context_limit
+        if self.context_policy == "end":
+            if limit is not None and self.count(msgs) > limit:
+                raise ContextLimit(f"prompt needs more than {limit} tokens")
+        else:
+            msgs = fit_context(msgs, n_open, limit, self.count)
+        return await self._complete(msgs), {"prompt_messages": len(msgs)}
+
+    async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        raise NotImplementedError
+
+
+def _raise_for_error(resp: Dict[str, Any]) -> None:
+    err = resp.get("error") if isinstance(resp, dict) else None
+    if not err:
+        return
+    msg = str(err.get("message", err))
+    if err.get("param") == "messages" and ("context" in msg or "tokens" in msg):
+        raise ContextLimit(msg)
+    raise RuntimeError(f"model server error: {msg}")
+
+
+class DeploymentPolicy(ChatPolicy):
+    """Our model deployment, through its Serve handle (no HTTP hop inside the cluster)."""
+
+    def __init__(self, cfg: Dict[str, Any]):
+        super().__init__(cfg)
+        self.handle = serve.get_deployment_handle(cfg.get("deployment", "LLMServer"), app_name=cfg["app_name"])
+
+    async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        body = self.body(messages, max_tokens)
+        if not body["model"]:
+            body["model"] = await self.handle.model_id.remote()
+            self.cfg["model"] = body["model"]
+        resp = await self.handle.chat.remote(body)
+        _raise_for_error(resp)
+        return resp["choices"][0]["message"]["content"]
+
+
+class OpenAIPolicy(ChatPolicy):
+    """Any OpenAI-compatible endpoint, with the official client."""
+
+    def __init__(self, cfg: Dict[str, Any]):
+        super().__init__(cfg)
+        import openai
+
+        if not cfg.get("base_url") or not cfg.get("model"):
+            raise ValueError("an openai policy needs 'base_url' and 'model'")
+        key = os.environ.get(cfg.get("api_key_env") or "OPENAI_API_KEY", "EMPTY")
+        self.client = openai.AsyncOpenAI(base_url=cfg["base_url"], api_key=key,
+                                         timeout=float(cfg.get("timeout_s", 300)), max_retries=2)
+        self._openai = openai
+
+    async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        body = self.body(messages, max_tokens)
+        if body["stop"] is None:
+            body.pop("stop")
+        try:
+            r = await self.client.chat.completions.create(**body)
+        except self._openai.BadRequestError as exc:
+            text = str(exc)
+            if "context" in text or "tokens" in text:
+                raise ContextLimit(text) from None
+            raise
+        return r.choices[0].message.content or ""
+
+
+class ExpertPolicy:
+    """The environment's scripted expert; needs the live environment object."""
+
+    def __init__(self, cfg: Dict[str, Any]):
+        self.cfg = cfg
+
+
+def make_policy(cfg: Dict[str, Any]):
+    kind = cfg.get("kind", "model")
+    if kind == "expert":
+        return ExpertPolicy(cfg)
+    if kind == "openai":
+        return OpenAIPolicy(cfg)
+    if kind == "model":
+        return DeploymentPolicy(cfg)
+    raise ValueError(f"unknown policy kind {kind!r}; expected model, openai or expert")
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+def to_agentinstruct(history: List[Dict[str, Any]], n_open: int) -> List[Dict[str, Any]]:
+    """Chat history → AgentInstruct ``conversations`` (few-shot answers get ``loss: false``)."""
+    out = []
+    for i, m in enumerate(history):
+        if m["role"] == "system":
+            out.append({"from": "system", "value": m["content"], "loss": False})
+        elif m["role"] == "user":
+            out.append({"from": "human", "value": m["content"], "loss": None})
+        else:
+            out.append({"from": "gpt", "value": m["content"], "loss": i >= n_open})
+    return out
+
+
+async def play(env: Any, task_id: str, policy: Any) -> Dict[str, Any]:
+    """Run one episode of ``task_id`` on ``env`` (a spawned copy) with ``policy``.
+
+    Environment calls block (SQL, shell), so they run in a worker thread; statuses, never
+    exceptions, report what went wrong inside the episode.
+    """
+    from serve.envs import Status
+
+    t0 = time.time()
+    opening = await asyncio.to_thread(env.reset, task_id)
+    n_open = len(opening)
+    result, info = None, {}
+    try:
+        while not env.done:
+            if isinstance(policy, ExpertPolicy):
+                action = await asyncio.to_thread(env.expert_action)
+            else:
+                try:
+                    action, _ = await policy.act(env.history, n_open)
+                except ContextLimit as exc:
+                    result = await asyncio.to_thread(env.abort, Status.CONTEXT_LIMIT, str(exc))
+                    break
+            result = await asyncio.to_thread(env.step, action)
+    finally:
+        if not env.done:  # the policy failed (network, server): end the episode before re-raising
+            await asyncio.to_thread(env.close)
+    info = dict(result.info) if result is not None else {}
+    status = result.status.value if result is not None and result.status is not None else "completed"
+    return {
+        "conversations": to_agentinstruct(env.history, n_open),
+        "task_id": str(task_id),
+        "reward": float(result.reward) if result is not None else 0.0,
+        "status": status,
+        "turns": int(env.turns),
+        "info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+
+
+@serve.deployment(name="RolloutServer")
+class RolloutServer:
+    """Runs episodes for configured tasks (environments) and policies; one env copy per episode."""
+
+    def __init__(self, tasks: List[Dict[str, Any]], policies: Dict[str, Dict[str, Any]]):
+        self.task_cfgs = {t["name"]: t for t in tasks}
+        self.policy_cfgs = policies
+        self._envs: Dict[str, Any] = {}
+        self._policies: Dict[str, Any] = {}
+
+    def _env(self, task: str):
+        if task not in self.task_cfgs:
+            raise KeyError(f"unknown task {task!r}; configured: {sorted(self.task_cfgs)}")
+        if task not in self._envs:
+            from serve.envs import load
+
+            t = self.task_cfgs[task]
+            self._envs[task] = load(t["env"], t.get("path"), **dict(t.get("options") or {}))
+        return self._envs[task]
+
+    def _policy(self, name: str):
+        if name not in self._policies:
+            if name not in self.policy_cfgs:
+                raise KeyError(f"unknown policy {name!r}; configured: {sorted(self.policy_cfgs)}")
+            self._policies[name] = make_policy(dict(self.policy_cfgs[name]))
+        return self._policies[name]
+
+    async def task_ids(self, task: str) -> Dict[str, Any]:
+        """Runnable task ids of a configured task (its split/limit applied) and skipped ones."""
+        env = await asyncio.to_thread(self._env, task)
+        t = self.task_cfgs[task]
+        ids = env.tasks(t.get("split"))
+        if t.get("limit"):
+            ids = ids[: int(t["limit"])]
+        return {"ids": ids, "skipped": dict(env.skipped)}
+
+    async def run(self, task: str, task_id: str, policy: str) -> Dict[str, Any]:
+        """One whole episode; returns the episode record (see module docstring)."""
+        base = await asyncio.to_thread(self._env, task)
+        env = base.spawn()
+        rec = await play(env, task_id, self._policy(policy))
+        rec.update({"id": f"{task}_{task_id}", "task": task, "env": self.task_cfgs[task]["env"], "policy": policy})
+        return rec
+
+    async def chat(self, policy: str, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        """One reply of a chat policy (general tasks use the same policies as episodes)."""
+        pol = self._policy(policy)
+        if isinstance(pol, ExpertPolicy):
+            raise ValueError("the expert policy only acts inside environments")
+        return await pol._complete(messages, max_tokens)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def __del__(self):
+        for env in self._envs.values():
+            try:
+                env.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at replica teardown
+                log.warning("env shutdown failed", exc_info=True)

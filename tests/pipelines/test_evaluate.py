@@ -1,0 +1,136 @@
+"""Evaluation pipeline: expert vs untrained tiny model side by side, resume after a killed replica."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import openai
+import pytest
+import yaml
+
+from pipelines import eval_report as rep
+from pipelines.config import load_config
+
+
+def test_repetition_and_error_labels():
+    assert rep.repetition_labels(["a", "b", "c"]) == []
+    assert rep.repetition_labels(["a", "a", "b"]) == ["short_term_repetition"]
+    assert rep.repetition_labels(["a", "b", "a"]) == ["long_term_repetition"]
+    assert rep.repetition_labels(["a", "b", "b", "c", "a"]) == ["short_term_repetition", "long_term_repetition"]
+    ep = {"reward": 0.0, "status": "completed", "conversations": [
+        {"from": "human", "value": "q", "loss": None}, {"from": "gpt", "value": "demo", "loss": False},
+        {"from": "gpt", "value": "I'm sorry, I cannot", "loss": True}, {"from": "gpt", "value": "I'm sorry,  I cannot", "loss": True}]}
+    assert rep.episode_labels(ep, 1.0) == ["wrong_answer", "short_term_repetition", "refusal"]
+    assert rep.episode_labels({**ep, "reward": 1.0}, 1.0) == []
+
+
+def test_category_scores_are_reference_weighted():
+    per_task = {"a": {"n": 2, "score": 0.5}, "b": {"n": 2, "score": 0.1}, "c": {"n": 0, "score": 0.0}}
+    cats = {"a": "held_in", "b": "held_in", "c": "held_in", "g": "general"}
+    out = rep.category_scores(per_task, cats, {}, {"a": 0.5, "b": 0.1})
+    # weights 2 and 10: (2*0.5 + 10*0.1) / 12
+    assert out["held_in"]["score"] == pytest.approx(2.0 / 12)
+    assert out["held_in"]["weights"] == {"a": 2.0, "b": 10.0}
+    assert rep.category_scores(per_task, cats, {"a": 1.0, "b": 1.0}, {"a": 0.5})["held_in"]["score"] == pytest.approx(0.3)
+
+
+def _cfg(tmp_path, model_dir, data, **eval_over):
+    ev = {
+        "output_dir": str(tmp_path / "eval"),
+        "tasks": [{"name": "db", "env": "db", "path": str(data / "agentbench/dbbench_dev.jsonl"), "limit": 6,
+                   "options": {"max_turns": 3}}],
+        "policies": {"expert": {"kind": "expert"}, "tiny": {"kind": "model", "max_tokens": 24}},
+        "concurrency": 4,
+        "reference_scores": {"db": 0.5},
+    }
+    ev.update(eval_over)
+    from serve.openai_api import free_port
+
+    doc = {"model": {"name_or_path": str(model_dir)},
+           "serve": {"num_cpus": 0, "torch_threads": 1, "port": free_port(), "rollout": {"num_cpus": 0, "app_name": "rollout-eval"}},
+           "wandb": {"mode": "disabled"}, "eval": ev}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_config(str(path))
+
+
+@pytest.fixture(scope="module")
+def serve_down():
+    yield
+    from ray import serve
+
+    serve.shutdown()
+
+
+def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir, shared_data, tmp_path):
+    from pipelines.evaluate import main
+
+    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False)
+    report = main(cfg)
+    expert, tiny = report["policies"]["expert"], report["policies"]["tiny"]
+    assert expert["tasks"]["db"]["n"] == 6 and expert["tasks"]["db"]["score"] == 1.0
+    assert tiny["tasks"]["db"]["n"] == 6 and tiny["tasks"]["db"]["score"] <= 0.2
+    assert tiny["tasks"]["db"]["leading_error"] == "invalid_format"
+    assert expert["categories"]["held_in"]["weights"] == {"db": 2.0}
+    out = tmp_path / "eval"
+    md = (out / "report.md").read_text()
+    assert "expert score" in md and "tiny score" in md and "invalid_format" in md
+    assert (out / "report.png").stat().st_size > 1000
+    lines = (out / "trajectories.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and {json.loads(l)["policy"] for l in lines} == {"expert", "tiny"}
+    # The model app is the OpenAI-compatible server on Serve's HTTP proxy (127.0.0.1).
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.port}/tiny/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert r.usage.completion_tokens >= 1
+    # Resuming a complete evaluation (against the apps still running) runs nothing.
+    again = main(_cfg(tmp_path, tiny_model_dir, shared_data, deploy=False))
+    assert again["episodes_run"] == 0 and again["episodes_resumed"] == 12
+    assert again["policies"]["tiny"]["tasks"]["db"] == tiny["tasks"]["db"]
+    from ray import serve
+
+    serve.delete("llm-tiny")
+    serve.delete("rollout-eval")
+
+
+def _kill_rollout_replica() -> int:
+    """SIGKILL the rollout replica's process (a crash, not a graceful stop); returns its pid."""
+    from ray import serve
+
+    pid = serve.get_deployment_handle("RolloutServer", app_name="rollout-eval").pid.remote().result(timeout_s=30)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_model_dir, shared_data, tmp_path):
+    from pipelines.evaluate import main
+
+    common = dict(policies={"expert": {"kind": "expert"}}, concurrency=2, max_retries=0, tasks=[
+        {"name": "db", "env": "db", "path": str(shared_data / "agentbench/dbbench_dev.jsonl"), "options": {"max_turns": 3}}])
+    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False, **common)
+    traj = tmp_path / "eval" / "trajectories.jsonl"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(main(cfg)))
+    t.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (traj.exists() and len(traj.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    killed = _kill_rollout_replica()
+    t.join(300)
+    assert killed and result, "evaluation did not finish"
+    finished = [json.loads(l) for l in traj.read_text().splitlines()]
+    lost = len(result["failures"])
+    assert lost >= 1 and len(finished) + lost == 60  # every episode is either saved or reported failed
+    assert result["policies"]["expert"]["tasks"]["db"]["missing"] == lost
+    # Re-run on the same deployment (Serve has replaced the dead replica): only the rest runs.
+    again = main(_cfg(tmp_path, tiny_model_dir, shared_data, deploy=False, **common))
+    assert again["episodes_run"] == lost and again["episodes_resumed"] == len(finished)
+    assert again["policies"]["expert"]["tasks"]["db"]["n"] == 60
+    assert again["policies"]["expert"]["tasks"]["db"]["score"] == 1.0
+    keys = [(e["task"], e["task_id"]) for e in map(json.loads, traj.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 60
