@@ -127,3 +127,13 @@ def test_manager_idle_timeout_and_lost_replica(shared_data):
         m.step(other.tag + "-0123", "x")
     assert exc.value.status == 410 and "lost with the replica" in exc.value.reason
     m.shutdown()
+
+
+def test_config_file_builds_the_app():
+    from pipelines.config import load_config, to_dict
+    from serve.env_server import build_env_app
+
+    cfg = load_config("configs/envs.yaml", ["envs.server.max_sessions=5", "envs.tasks.os.enabled=false"])
+    assert cfg.envs.tasks.db.options.backend == "auto"
+    app = build_env_app(to_dict(cfg)["envs"])
+    assert app is not None
