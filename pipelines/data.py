@@ -56,7 +56,12 @@ def tokenize_batch(batch, *, model: Dict[str, Any], formats: Dict[str, str], max
         if r["reject"]:
             continue
         try:
-            msgs = normalize_messages(to_messages(formats[r["source"]], json.loads(r["raw"])), model["system_prompt"])
+            record = json.loads(r["raw"])
+        except json.JSONDecodeError as exc:
+            r["reject"] = f"malformed_json: {exc}"
+            continue
+        try:
+            msgs = normalize_messages(to_messages(formats[r["source"]], record), model["system_prompt"])
             if msgs[-1]["role"] != "assistant":
                 raise ChatError("no_final_assistant", "the conversation does not end with an assistant turn")
             text, sp = render(tok, msgs)
@@ -379,7 +384,7 @@ def preview_main(cfg: DictConfig, n: int = 1) -> None:
                 continue
             try:
                 text = preview(tok, to_messages(s.format, json.loads(raw)), cfg.model.system_prompt)
-            except ChatError:
+            except (ChatError, json.JSONDecodeError):
                 continue
             print(f"===== {s.name} ({s.group}) {origin} — supervised tokens in ⟦…⟧ =====\n{text}\n")
             shown += 1

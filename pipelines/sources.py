@@ -88,11 +88,8 @@ def iter_file(path: str, data: bytes) -> Iterator[Tuple[str, str, str]]:
         except UnicodeDecodeError as exc:
             yield f"{path}:{lineno}", line.decode("utf-8", "replace"), f"invalid_utf8: {exc}"
             continue
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{lineno}", text, f"malformed_json: {exc}"
-            continue
+        # JSON is parsed (and malformed lines rejected) by the parallel tokenize stage, not here:
+        # one file is one read task, and parsing twice would serialise the whole corpus.
         yield f"{path}:{lineno}", text, ""
 
 

@@ -101,8 +101,8 @@ def test_overlap_fraction():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_model_dir):
     d = tmp_path_factory.mktemp("corpus")
-    write_jsonl(d / "os.jsonl", agentinstruct_records(600, seed=1, task="os", scale=0.25))
-    write_jsonl(d / "db.jsonl", agentinstruct_records(500, seed=2, task="db", scale=0.25))
+    write_jsonl(d / "os.jsonl", agentinstruct_records(700, seed=1, task="os", scale=0.25))
+    write_jsonl(d / "db.jsonl", agentinstruct_records(600, seed=2, task="db", scale=0.25))
     write_jsonl(d / "sharegpt.jsonl", sharegpt_records(4000, seed=3, scale=0.25))
     write_jsonl(d / "general2.jsonl", sharegpt_records(1200, seed=4, scale=0.25))
     with open(d / "os.jsonl", "ab") as f:  # bad records and an exact duplicate, inside a real source
@@ -144,11 +144,12 @@ def test_manifest_mix_and_rejects(run0):
     assert abs(m["eta_actual"] - 0.2) <= 0.005
     s = m["sources"]
     agent = s["os"]["samples"] + s["db"]["samples"]
-    assert agent == 1100  # every valid, clean, unique agent sample (incl. the truncated one) exactly once
+    assert agent == 1300  # every valid, clean, unique agent sample (incl. the truncated one) exactly once
     assert s["os"]["truncated"] == 1
     general = s["sharegpt"]["samples"] + s["general2"]["samples"]
     assert (s["sharegpt"]["samples"], s["general2"]["samples"]) == (s["sharegpt"]["target"], s["general2"]["target"])
-    assert abs(s["sharegpt"]["samples"] / general - 0.75) < 0.001
+    assert general == 5200 and (s["sharegpt"]["samples"], s["general2"]["samples"]) == (3900, 1300)
+    assert s["general2"]["records"] == 1200  # so general2 was upsampled, sharegpt (4000) subsampled
     expected = Counter(reason for _, reason in BAD_LINES if reason != "overlong")  # truncated instead
     expected.update({"duplicate": 1, "contaminated": 1})
     assert m["rejected"] == dict(expected)
