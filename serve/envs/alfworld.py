@@ -120,6 +120,14 @@ def map_action(text: str, admissible: Sequence[str], limit: float = 0.01) -> Opt
     return admissible[best] if scores[best] > limit else command
 
 
+def _solvable(game: str) -> bool:
+    try:
+        with open(game, encoding="utf-8") as fh:
+            return bool(json.load(fh).get("solvable", True))
+    except (OSError, ValueError):
+        return False
+
+
 def _process_observation(obs: str) -> str:
     # AgentBench drops the "You arrive at loc N. " prefix of older grammars.
     if obs.startswith("You arrive at loc "):
@@ -177,6 +185,9 @@ class AlfWorldEnv(PooledBackendMixin, Env):
             tid = "/".join(os.path.normpath(game).split(os.sep)[-3:-1])
             if not os.path.isfile(game):
                 self.skip(tid, f"game file {game} not found (set games_root or point path at an ALFWorld download)")
+                continue
+            if not _solvable(game):  # ALFWorld's own loader drops these too
+                self.skip(tid, f"game file {game} is marked unsolvable or unreadable")
                 continue
             task_type = tid.split("-", 1)[0]
             key = next((v for k, v in PROMPT_KEYS.items() if task_type.startswith(k)), None)

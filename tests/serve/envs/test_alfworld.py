@@ -31,6 +31,20 @@ def test_loads_agentbench_dev_split(env):
     assert not env.skipped
 
 
+def test_task_file_forms_and_skips(shared_data, tmp_path):
+    root = shared_data / "alfworld"
+    train = serve.envs.load("alfworld", str(root / "train_subset.json"))
+    assert len(train.tasks()) == 360 and set(train.splits()) == {"train"}
+    folder = serve.envs.load("alfworld", str(root / "json_2.1.1" / "valid_unseen"))
+    assert sorted(folder.tasks()) == sorted(serve.envs.load("alfworld").tasks())
+    good = "json_2.1.1/valid_unseen/" + folder.tasks()[0] + "/game.tw-pddl"
+    listing = tmp_path / "mine.json"
+    listing.write_text('{"test": ["%s", "json_2.1.1/valid_unseen/pick_x-1/trial_1/game.tw-pddl"]}' % good)
+    mine = serve.envs.load("alfworld", str(listing), games_root=str(root))
+    assert mine.tasks() == [folder.tasks()[0]] and mine.splits().keys() == {"test"}
+    assert "not found" in mine.skipped["pick_x-1/trial_1"]
+
+
 def test_action_mapping_like_agentbench():
     adm = ["go to toilet 1", "move soapbottle 1 to toilet 1", "take soapbottle 1 from toilet 1", "look"]
     assert map_action("THOUGHT: go.\n ACTION: Go to toilet 1\nmore", adm) == "go to toilet 1"
