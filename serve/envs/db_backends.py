@@ -112,12 +112,7 @@ class MariaDBServer:
         common = ["--no-defaults", f"--datadir={data}", "--innodb-log-file-size=8M",
                   "--innodb-buffer-pool-size=32M"]
         user = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root without it
-        proc = subprocess.run(
-            [self.install_db, *common, *user, "--auth-root-authentication-method=normal",
-             "--skip-test-db", "--skip-name-resolve"],
-            capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise BackendError(f"mariadb-install-db failed: {proc.stdout[-800:]}{proc.stderr[-800:]}")
+        shutil.copytree(self._pristine_datadir(common[1:], user, timeout), data, symlinks=True)
         argv = [self.mariadbd, *common, *user, f"--socket={self.socket}", "--skip-networking",
                 f"--pid-file={os.path.join(self.dir, 'mysqld.pid')}",
                 f"--log-error={os.path.join(self.dir, 'error.log')}",
@@ -143,6 +138,30 @@ class MariaDBServer:
                 time.sleep(0.2)
         log.info("MariaDB started on %s in %.1fs", self.socket, time.monotonic() - t0)
         return self
+
+    def _pristine_datadir(self, opts: List[str], user: List[str], timeout: float) -> str:
+        """An initialised, never-started datadir, made once per machine and user (mariadb-install-db
+        takes seconds; copying the result takes milliseconds). Every server starts from a copy."""
+        version = os.path.basename(os.path.realpath(self.mariadbd)) + str(int(os.stat(self.mariadbd).st_mtime))
+        cache = os.path.join(tempfile.gettempdir(), f"agt-mariadb-pristine-{os.geteuid()}-{version}")
+        if os.path.isfile(os.path.join(cache, "mysql_upgrade_info")):
+            return cache
+        build = tempfile.mkdtemp(prefix="agt-mariadb-build-")
+        target = os.path.join(build, "data")
+        opts = [o for o in opts if not o.startswith("--datadir=")]
+        proc = subprocess.run(
+            [self.install_db, "--no-defaults", f"--datadir={target}", *opts, *user,
+             "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"],
+            capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            shutil.rmtree(build, ignore_errors=True)
+            raise BackendError(f"mariadb-install-db failed: {proc.stdout[-800:]}{proc.stderr[-800:]}")
+        try:
+            os.rename(target, cache)  # atomic: a concurrent builder's copy wins, ours is dropped
+        except OSError:
+            pass
+        shutil.rmtree(build, ignore_errors=True)
+        return cache
 
     def _error_log_tail(self) -> str:
         try:

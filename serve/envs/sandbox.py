@@ -181,6 +181,15 @@ def build_template(root: str) -> str:
     return root
 
 
+def sandbox_python() -> Optional[str]:
+    """The interpreter the executor runs with: it must live under /usr (the only host tree the
+    sandbox sees); Debian's /usr/bin/python3 or, in python:3.x images, /usr/local/bin/python3."""
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(cand):
+            return cand
+    return None
+
+
 _template_lock = threading.Lock()
 _template: Optional[str] = None
 
@@ -193,8 +202,9 @@ def template_dir() -> str:
             bwrap = shutil.which("bwrap")
             if not bwrap:
                 raise SandboxUnavailable("bubblewrap is not installed (apt-get install bubblewrap)")
-            if not os.path.exists("/usr/bin/python3"):
-                raise SandboxUnavailable("/usr/bin/python3 is needed inside the sandbox")
+            if not sandbox_python():
+                raise SandboxUnavailable("a python3 under /usr (/usr/bin or /usr/local/bin) is "
+                                         "needed inside the sandbox")
             tmp = tempfile.mkdtemp(prefix="agt-sandbox-tpl-")
             os.chmod(tmp, 0o755)
             _template = build_template(os.path.join(tmp, "root"))
@@ -217,7 +227,7 @@ def _bwrap_argv(template: str, limits: SandboxLimits) -> List[str]:
              "--chdir", "/", "--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", "/root",
              "--setenv", "USER", "root", "--setenv", "LANG", "C.UTF-8", "--setenv", "TERM", "dumb",
              "--setenv", "AGT_LIMITS", json.dumps(limits.rlimits()),
-             "/usr/bin/python3", "-I", "-S", "/.sandbox/executor.py"]
+             sandbox_python() or "/usr/bin/python3", "-I", "-S", "/.sandbox/executor.py"]
     return argv
 
 

@@ -10,7 +10,22 @@ import requests
 
 from serve.env_server import EnvServerError, SessionManager
 
-HAVE_BWRAP = shutil.which("bwrap") is not None
+
+
+def _can_sandbox() -> bool:
+    """OS sessions join the test only where sandboxes can run (bwrap + user namespaces)."""
+    if not shutil.which("bwrap"):
+        return False
+    from serve.envs.sandbox import Sandbox, SandboxUnavailable
+
+    try:
+        Sandbox().close()
+    except SandboxUnavailable:
+        return False
+    return True
+
+
+HAVE_BWRAP = _can_sandbox()
 
 
 def _free_port() -> int:
