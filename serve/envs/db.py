@@ -108,6 +108,7 @@ class DBEnv(Env):
                  statement_timeout: float = 5.0, split: str = "dev", **options: Any) -> None:
         self.split_name = split
         super().__init__(path, **options)
+        self.statement_timeout = float(statement_timeout)
         self.backend = db_backends.get_backend(backend, statement_timeout)
         self.edb: Any = None  # the running episode's database
 
@@ -167,7 +168,8 @@ class DBEnv(Env):
         rec = task.data
         raw = [str(c["name"]) for c in rec["table"]["table_info"]["columns"]]
         cols = _column_names(raw)
-        self.edb = self.backend.open(rec["table"]["table_name"], cols, rec["table"]["table_info"].get("rows", []))
+        self.edb = self.backend.open(rec["table"]["table_name"], cols, rec["table"]["table_info"].get("rows", []),
+                                     self.statement_timeout)
         add = rec.get("add_description") if cols == raw else None
         add = add or (f"The name of this table is {rec['table']['table_name']}, and the headers of "
                       f"this table are {','.join(cols)}.")
