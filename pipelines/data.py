@@ -113,14 +113,17 @@ def emit_copies(batch, *, plan_ref, rows_per_shard: int):
     import ray
 
     plan: Dict[int, List[List[int]]] = ray.get(plan_ref) if not isinstance(plan_ref, dict) else plan_ref
-    out = []
-    for r in batch.select(["sid", "group", "input_ids", "labels"]).to_pylist():
-        for row, pos in plan.get(r["sid"], ()):
-            out.append({"shard": row // rows_per_shard, "row": row, "pos": pos, "group": r["group"],
-                        "input_ids": r["input_ids"], "labels": r["labels"]})
-    schema = pa.schema([("shard", pa.int64()), ("row", pa.int64()), ("pos", pa.int32()), ("group", pa.string()),
-                        ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
-    return pa.Table.from_pylist(out, schema=schema)
+    take, rows, pos = [], [], []
+    for i, sid in enumerate(batch.column("sid").to_pylist()):
+        for row, p in plan.get(sid, ()):
+            take.append(i)
+            rows.append(row)
+            pos.append(p)
+    # Arrow take: token lists are copied in C++, never through Python objects.
+    out = batch.select(["group", "input_ids", "labels"]).take(pa.array(take, type=pa.int64()))
+    rows_a = np.asarray(rows, dtype=np.int64)
+    return out.append_column("row", pa.array(rows_a)).append_column(
+        "shard", pa.array(rows_a // rows_per_shard)).append_column("pos", pa.array(np.asarray(pos, dtype=np.int32)))
 
 
 def write_shard(group: Dict[str, np.ndarray], *, out: str, max_seq_len: int, pad_id: int) -> Dict[str, np.ndarray]:
