@@ -125,6 +125,11 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
             miss = f"; missing {s['missing']}" if s.get("missing") else ""
             lines.append(f"- **{p} / {t}**: statuses {s['status_counts']}; errors: {errs}; "
                          f"mean turns {s['mean_turns']:.1f}{miss}")
+    for t, why in sorted((report.get("skipped") or {}).items()):
+        for tid, reason in why.items():
+            lines.append(f"- skipped {t} task {tid}: {reason}")
+    if report.get("failures"):
+        lines.append(f"- {len(report['failures'])} episodes failed (not scored; a re-run completes them)")
     lines.append("\n## Weights\n")
     for p in pols[:1]:
         for c, v in report["policies"][p]["categories"].items():
