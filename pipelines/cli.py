@@ -16,6 +16,7 @@ JOBS = {
     "eval": "pipelines.evaluate",
     "run": "pipelines.run",
     "serve": "serve.app",
+    "eft": "serve.eft",
     "build-model": "pipelines.tiny",
 }
 

@@ -273,6 +273,33 @@ class EvalConfig:
     plot: bool = True
 
 
+# ----------------------------------------------------------------------------- eft
+
+
+@dataclass
+class EFTConfig:
+    """EFT / LM up-scaling server (serve.eft): `agenttuning eft CONFIG` (= python -m serve.eft)."""
+
+    large_base: Optional[str] = None  # hub id or HF folder; required by the eft job
+    small_base: Optional[str] = None  # required by the eft job
+    small_ft: Optional[str] = None  # the small fine-tuned model; None = model.name_or_path
+    beta: float = 1.0  # 1 = EFT; > 1 amplifies the fine-tuning delta; 0 = the large base alone
+    speculative_k: int = 4  # draft length of the small fine-tuned model; 0 = no speculation
+    placement: str = "colocated"  # colocated (one replica holds all three) | separate (one deployment each)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    model_id: Optional[str] = None  # name in /v1/models; None = eft-<small_ft>-on-<large_base>
+    app_name: str = "eft"
+    route_prefix: str = "/"
+    num_cpus: float = 1.0  # per replica (colocated) / per model deployment (separate)
+    num_gpus: float = 0.0  # idem; separate + 1.0 puts each model on its own GPU (or node)
+    large_num_gpus: Optional[float] = None  # separate: override for the large base deployment
+    max_ongoing_requests: int = 8
+    max_sessions: int = 64  # separate: KV-cache sessions a model deployment keeps (LRU beyond)
+    torch_threads: Optional[int] = None  # CPU threads per replica; None = torch's default
+    blocking: bool = True  # `agenttuning eft` keeps serving until interrupted
+
+
 # ----------------------------------------------------------------------------- envs
 
 
@@ -322,7 +349,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     envs: EnvsConfig = field(default_factory=EnvsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    eft: Dict[str, Any] = field(default_factory=dict)
+    eft: EFTConfig = field(default_factory=EFTConfig)
     collect: Dict[str, Any] = field(default_factory=dict)
     run: Dict[str, Any] = field(default_factory=dict)
 
@@ -406,6 +433,7 @@ def validate(cfg: DictConfig) -> None:
     _check(es.num_replicas >= 1, "envs.server.num_replicas", "must be >= 1")
     _check(0 < es.port < 65536, "envs.server.port", f"not a TCP port: {es.port}")
     _validate_serve_eval(cfg.serve, cfg.eval)
+    _validate_eft(cfg.eft)
     _validate_train(t, cfg.scaling)
 
 
@@ -472,6 +500,17 @@ def _validate_serve_eval(s: DictConfig, e: DictConfig) -> None:
     for key, table in (("reference_scores", e.reference_scores), ("weights", e.weights)):
         for task, v in table.items():
             _check(v > 0, f"eval.{key}.{task}", f"must be > 0, got {v}")
+
+
+def _validate_eft(e: DictConfig) -> None:
+    """eft section (serve.eft); model paths are checked by the eft job itself."""
+    _one_of(e.placement, "eft.placement", ("colocated", "separate"))
+    _one_of(e.device, "eft.device", ("auto", "cpu", "cuda"))
+    _one_of(e.dtype, "eft.dtype", ("auto", "float32", "bfloat16", "float16"))
+    _check(e.beta >= 0, "eft.beta", f"must be >= 0, got {e.beta}")
+    _check(0 <= e.speculative_k <= 64, "eft.speculative_k", f"must be within [0, 64], got {e.speculative_k}")
+    _check(e.num_cpus >= 0 and e.num_gpus >= 0, "eft.num_cpus", "resources must be >= 0")
+    _check(e.max_ongoing_requests >= 1 and e.max_sessions >= 1, "eft.max_sessions", "must be >= 1")
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -1,0 +1,334 @@
+"""Serve deployment: EFT / LM up-scaling with speculative decoding, OpenAI-compatible.
+
+The decoding itself is ``serve.eft_decoding`` (pure torch); this module loads the three models,
+checks that they share a vocabulary before any weights are loaded, and serves the result through
+the shared OpenAI layer (``serve.openai_api``), so clients — the ``openai`` package,
+``agenttuning eval`` with an ``openai`` policy — see an ordinary chat model.
+
+Placement (``eft.placement``):
+- ``colocated``: one replica holds all three models (one GPU, or CPU);
+- ``separate``: each model is its own deployment (``EFTModelWorker``, e.g. one GPU each, possibly
+  on different nodes) holding per-request KV caches; the ingress keeps only the sampling logic and
+  sends each worker the new tokens of a step, receiving logits. The large and small base passes
+  of a verification step run concurrently.
+
+    agenttuning eft configs/eft_tiny.yaml            # = python -m serve.eft configs/eft_tiny.yaml
+"""
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from omegaconf import DictConfig
+from ray import serve
+
+from pipelines.config import to_dict
+from serve.eft_decoding import CausalLM, DecodeParams, DecodeStats, EFTDecoder, EFTModels, check_vocabularies
+from serve.openai_api import OpenAIChat, SamplingParams, ServerSettings, build_openai_app, complete
+
+log = logging.getLogger(__name__)
+
+ROLES = ("large_base", "small_base", "small_ft")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def model_paths(eft: Dict[str, Any], model: Dict[str, Any]) -> Dict[str, str]:
+    """Role → path; the small fine-tuned model defaults to ``model.name_or_path``."""
+    paths = {"large_base": eft.get("large_base"), "small_base": eft.get("small_base"),
+             "small_ft": eft.get("small_ft") or model.get("name_or_path")}
+    missing = [f"eft.{k}" for k, v in paths.items() if not v]
+    if missing:
+        raise ValueError(f"EFT needs three models; config key(s) not set: {', '.join(missing)}")
+    return paths  # type: ignore[return-value]
+
+
+def _load_tokenizer_or_none(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # a weights-only folder: the others' tokenizers decide
+        log.warning("no tokenizer loadable from %s (%s); relying on the logit widths", path, exc)
+        return None
+
+
+def check_models(paths: Dict[str, str], trust_remote_code: bool = False) -> None:
+    """Fail before loading any weights unless the three models share one vocabulary."""
+    from transformers import AutoConfig
+
+    sizes = {r: int(AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).vocab_size)
+             for r, p in paths.items()}
+    toks = {r: _load_tokenizer_or_none(p, trust_remote_code) for r, p in paths.items()}
+    check_vocabularies(sizes, toks)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_lm(path: str, role: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> CausalLM:
+    from transformers import AutoModelForCausalLM
+
+    dev = _device(device)
+    torch_dtype = {"auto": torch.float32 if dev == "cpu" else "auto", "float32": torch.float32,
+                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    log.info("EFT %s: %s on %s", role, path, dev)
+    return CausalLM(model.to(dev), role)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+class EFTBackend:
+    """``serve.openai_api`` backend over an :class:`EFTDecoder`.
+
+    ``lms`` maps role → a local :class:`CausalLM` or a :class:`RemoteLM` (separate placement).
+    """
+
+    def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], lms: Optional[Dict[str, Any]] = None):
+        from pipelines.chat import load_tokenizer
+
+        paths = model_paths(eft, model)
+        trust = bool(model.get("trust_remote_code", False))
+        check_models(paths, trust)
+        if eft.get("torch_threads"):
+            torch.set_num_threads(int(eft["torch_threads"]))
+        if lms is None:
+            lms = {r: load_lm(p, r, eft.get("dtype", "auto"), eft.get("device", "auto"), trust) for r, p in paths.items()}
+        self.decoder = EFTDecoder(EFTModels(**lms), beta=float(eft.get("beta", 1.0)))
+        self.speculative_k = int(eft.get("speculative_k", 0))
+        # Prompts are rendered with the fine-tuned model's chat format (it is the one that was tuned).
+        self.tokenizer = load_tokenizer(paths["small_ft"], model.get("chat_template", "llama2"), trust)
+        self.model_id = eft.get("model_id") or (
+            f"eft-{os.path.basename(os.path.normpath(paths['small_ft']))}-on-"
+            f"{os.path.basename(os.path.normpath(paths['large_base']))}")
+        self.max_model_tokens = self.decoder.max_positions
+        self.eos_ids = tuple(i for i in {self.tokenizer.eos_token_id} if i is not None)
+        self.totals = DecodeStats()
+        self._lock = threading.Lock()
+
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
+        """Token ids of the EFT model; stops at EOS without yielding it (openai_api contract)."""
+        dp = DecodeParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
+                          top_p=params.top_p if not params.greedy else 1.0, stop_token_ids=self.eos_ids,
+                          seed=params.seed, speculative_k=self.speculative_k)
+        st = DecodeStats()
+        try:
+            for tok in self.decoder.generate(prompt_ids, dp, st):
+                if tok in self.eos_ids:
+                    return
+                yield tok
+        finally:
+            self._account(st)
+
+    def _account(self, st: DecodeStats) -> None:
+        with self._lock:
+            t = self.totals
+            t.generated += st.generated
+            t.rounds += st.rounds
+            t.drafted += st.drafted
+            t.accepted += st.accepted
+            t.seconds += st.seconds
+        log.info("EFT request: %d tokens in %.2fs, %d rounds, acceptance %.2f",
+                 st.generated, st.seconds, st.rounds, st.acceptance)
+
+    def stats(self) -> Dict[str, float]:
+        t = self.totals
+        return {"generated": t.generated, "rounds": t.rounds, "drafted": t.drafted, "accepted": t.accepted,
+                "acceptance": t.acceptance, "tokens_per_s": t.generated / t.seconds if t.seconds else 0.0}
+
+
+def server_settings(eft: Dict[str, Any], model: Dict[str, Any], s: Dict[str, Any], backend: EFTBackend) -> ServerSettings:
+    return ServerSettings(system_prompt=model.get("system_prompt"), default_max_tokens=s.get("default_max_tokens", 256),
+                          max_model_tokens=backend.max_model_tokens, aliases=list(s.get("aliases", [])))
+
+
+# ----------------------------------------------------------------------------- separate placement
+
+
+@serve.deployment(name="EFTModelWorker")
+class EFTModelWorker:
+    """One of the three models with per-request KV-cache sessions (``eft.placement: separate``).
+
+    Sessions live in this replica's memory, so each worker deployment runs one replica; sessions
+    a client never closed are evicted least-recently-used beyond ``max_sessions``.
+    """
+
+    def __init__(self, path: str, role: str, eft: Dict[str, Any], trust_remote_code: bool = False):
+        if eft.get("torch_threads"):
+            torch.set_num_threads(int(eft["torch_threads"]))
+        self.lm = load_lm(path, role, eft.get("dtype", "auto"), eft.get("device", "auto"), trust_remote_code)
+        self.max_sessions = int(eft.get("max_sessions", 64))
+        self.sessions: "OrderedDict[str, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def info(self) -> Dict[str, Any]:
+        return {"vocab_size": self.lm.vocab_size, "max_positions": self.lm.max_positions, "role": self.lm.name}
+
+    def open(self) -> str:
+        sid = uuid.uuid4().hex
+        with self._lock:
+            self.sessions[sid] = self.lm.new_session()
+            while len(self.sessions) > self.max_sessions:
+                old, _ = self.sessions.popitem(last=False)
+                log.warning("%s: evicted KV session %s (over max_sessions=%d)", self.lm.name, old, self.max_sessions)
+        return sid
+
+    def _get(self, sid: str):
+        with self._lock:
+            if sid not in self.sessions:
+                raise KeyError(f"{self.lm.name}: unknown or evicted KV session {sid}")
+            self.sessions.move_to_end(sid)
+            return self.sessions[sid]
+
+    def submit(self, sid: str, tokens: List[int], keep: int, crop_to: Optional[int] = None):
+        """Crop (the client's pending rejection) then one forward pass; logits [keep, V] float32."""
+        session = self._get(sid)
+        if crop_to is not None:
+            session.crop(crop_to)
+        return session.submit(tokens, keep).result().numpy()
+
+    def close(self, sid: str) -> None:
+        with self._lock:
+            self.sessions.pop(sid, None)
+
+    def counters(self) -> Dict[str, int]:
+        return {"calls": self.lm.counter.calls, "tokens": self.lm.counter.tokens}
+
+
+class _RemoteLogits:
+    def __init__(self, response):
+        self.response = response
+
+    def result(self) -> torch.Tensor:
+        return torch.from_numpy(self.response.result())
+
+
+class RemoteSession:
+    """A KV session held by an :class:`EFTModelWorker`; same interface as a local session."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.sid = handle.open.remote().result()
+        self.length = 0
+        self._crop_to: Optional[int] = None
+
+    def submit(self, tokens, keep: int) -> _RemoteLogits:
+        # A crop rides on the next forward call: Serve does not order separate calls, and it
+        # saves a round trip per decoding round.
+        crop_to, self._crop_to = self._crop_to, None
+        self.length += len(tokens)
+        return _RemoteLogits(self.handle.submit.remote(self.sid, list(tokens), keep, crop_to))
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self._crop_to = length
+            self.length = length
+
+    def close(self) -> None:
+        self.handle.close.remote(self.sid)
+
+
+class RemoteLM:
+    """A model served by an :class:`EFTModelWorker` deployment handle."""
+
+    def __init__(self, handle, info: Dict[str, Any]) -> None:
+        self.handle = handle  # `info`: the worker's info() (awaited by the caller: no blocking in a loop)
+        self.name, self.vocab_size, self.max_positions = info["role"], info["vocab_size"], info["max_positions"]
+
+    def new_session(self) -> RemoteSession:
+        return RemoteSession(self.handle)
+
+
+# ----------------------------------------------------------------------------- ingress
+
+
+@serve.deployment(name="EFTServer")
+@serve.ingress()
+class EFTServer:
+    """OpenAI-compatible EFT server (HTTP ingress + ``chat`` method for Serve handles)."""
+
+    async def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], serve_cfg: Dict[str, Any],
+                       large_base=None, small_base=None, small_ft=None):
+        # async: the worker handles must be awaited, a replica constructor runs in the event loop
+        handles = {"large_base": large_base, "small_base": small_base, "small_ft": small_ft}
+        lms = {r: RemoteLM(h, await h.info.remote()) for r, h in handles.items()} if large_base is not None else None
+        self.backend = EFTBackend(eft, model, lms)
+        self.chat_api = OpenAIChat(self.backend, server_settings(eft, model, serve_cfg, self.backend))
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(self.backend, self.chat_api.settings)
+
+    async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """A chat completion request dict → response dict (or an OpenAI error body)."""
+        return await complete(self.chat_api, body)
+
+    def stats(self) -> Dict[str, float]:
+        return self.backend.stats()
+
+
+def build_eft_app(cfg: DictConfig):
+    """The EFT application for ``cfg.eft`` (+ ``cfg.model`` chat format, ``cfg.serve`` defaults)."""
+    c = to_dict(cfg)
+    eft, model, s = c["eft"], c["model"], c["serve"]
+    paths = model_paths(eft, model)
+    check_models(paths, bool(model.get("trust_remote_code", False)))  # fail here, not in a replica
+    ingress_opts = {"max_ongoing_requests": eft["max_ongoing_requests"],
+                    "ray_actor_options": {"num_cpus": eft["num_cpus"], "num_gpus": eft["num_gpus"]}}
+    if eft["placement"] == "colocated":
+        return EFTServer.options(**ingress_opts).bind(eft, model, s)
+    workers = {}
+    for role, path in paths.items():
+        gpus = eft["large_num_gpus"] if role == "large_base" and eft["large_num_gpus"] is not None else eft["num_gpus"]
+        workers[role] = EFTModelWorker.options(
+            name=f"EFTModelWorker_{role}", num_replicas=1, max_ongoing_requests=max(16, eft["max_ongoing_requests"] * 4),
+            ray_actor_options={"num_cpus": eft["num_cpus"], "num_gpus": gpus},
+        ).bind(path, role, eft, bool(model.get("trust_remote_code", False)))
+    # The ingress only samples: no GPU, little CPU.
+    ingress_opts["ray_actor_options"] = {"num_cpus": min(eft["num_cpus"], 0.5), "num_gpus": 0}
+    return EFTServer.options(**ingress_opts).bind(eft, model, s, **workers)
+
+
+def eft_builder(args: Dict[str, str]):
+    """Entry for Serve config files / ``serve run serve.eft:eft_builder config=PATH [k=v ...]``."""
+    from pipelines.config import load_config
+
+    args = dict(args)
+    path = args.pop("config", None)
+    return build_eft_app(load_config(path, [f"{k}={v}" for k, v in args.items()]))
+
+
+def main(cfg: DictConfig) -> None:
+    """`agenttuning eft CONFIG`: deploy the EFT server and serve until interrupted."""
+    from serve.app import start_serve
+
+    start_serve(cfg)
+    serve.run(build_eft_app(cfg), name=cfg.eft.app_name, route_prefix=cfg.eft.route_prefix)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.eft.route_prefix.rstrip('/')}/v1"
+    print(f"serving EFT (large base {cfg.eft.large_base}, beta {cfg.eft.beta}, k {cfg.eft.speculative_k}, "
+          f"{cfg.eft.placement}) at {url} (OpenAI-compatible; app '{cfg.eft.app_name}')")
+    if not cfg.eft.blocking:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(cfg.eft.app_name)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import run_job
+
+    sys.exit(run_job("serve.eft", sys.argv[1:]))
