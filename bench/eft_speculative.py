@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--large-eps", type=float, default=0.02)
     ap.add_argument("--ft-noise", type=float, default=0.3)
     ap.add_argument("--beta", type=float, default=1.0)
-    X
+    # One thread: on a shared 2-core box, torch's spinning worker threads make timings erratic.
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(RESULTS, "eft_speculative.json"))
     args = ap.parse_args()
