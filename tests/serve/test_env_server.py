@@ -34,19 +34,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, shared_data):
+def _deploy(shared_data):
     from ray import serve
 
     from serve.env_server import EnvServer
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     envs = {"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl")}}
     if HAVE_BWRAP:
         envs["os"] = {"path": str(shared_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
     app = EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
     serve.run(app, name="envs_test", route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, shared_data):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _deploy(shared_data)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -121,6 +127,16 @@ def test_session_cap_gives_429(server):
     finally:
         for sid in sids:
             requests.delete(f"{server}/sessions/{sid}", timeout=60)
+
+
+def test_session_lost_with_its_replica_gets_410(server, shared_data):
+    from ray import serve
+
+    sid = requests.post(f"{server}/envs/db/sessions", json={"task_id": "2"}, timeout=60).json()["session_id"]
+    serve.delete("envs_test")  # the replica holding the session goes away
+    _deploy(shared_data)
+    r = requests.post(f"{server}/sessions/{sid}/step", json={"action": "Action: Answer\nFinal Answer: []"}, timeout=60)
+    assert r.status_code == 410 and "lost with the replica" in r.json()["error"]["reason"]
 
 
 def test_manager_idle_timeout_and_lost_replica(shared_data):

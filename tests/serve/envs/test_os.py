@@ -137,3 +137,15 @@ def test_hostile_actions_are_contained(env, host_side, tmp_path):
     r = other.step(_bash("ls -a /home | grep '^\\.' | wc -l"))
     assert r.observation.strip().endswith("8")  # 6 hidden files plus . and ..
     other.close()
+
+
+def test_bad_records_are_skipped_with_reasons(tmp_path):
+    p = tmp_path / "os.json"
+    p.write_text('[{"description": "ok?", "evaluation": {"match": "1"}}, {"evaluation": {"match": "1"}},'
+                 ' {"description": "x"}, {"description": "y", "evaluation": {"check": [null, {"file": "check/z.py"}],'
+                 ' "example": "echo 1"}}]')
+    e = envs.load("os", str(p))
+    assert e.tasks() == ["0"]
+    assert e.skipped == {"1": "missing field 'description'",
+                         "2": "field 'evaluation' needs 'match' or 'check'",
+                         "3": "check script 'check/z.py' is not available"}
