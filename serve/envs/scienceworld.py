@@ -129,7 +129,7 @@ class ScienceWorldTaskEnv(PooledBackendMixin, Env):
     """ScienceWorld task variations with score/100 reward and the gold-path expert."""
 
     name = "scienceworld"
-    default_max_turns = 100  # the simulator's own step limit; long gold paths need it
+    default_max_turns = 200  # gold paths take up to 192 actions (inclined-plane-friction-unnamed)
 
     def __init__(self, path: Optional[str] = None, *, split: str = "test",
                  task_names: Optional[Sequence[str]] = None, max_variations: Optional[int] = 10,
@@ -146,6 +146,9 @@ class ScienceWorldTaskEnv(PooledBackendMixin, Env):
         self.simplification, self.valid_action_hints, self.max_hints = simplification, valid_action_hints, max_hints
         self.step_timeout_s, self.load_timeout_s = step_timeout_s, load_timeout_s
         options.setdefault("max_invalid", options.get("max_turns") or self.default_max_turns)
+        # ScienceWorld tasks repeat actions on purpose (gold paths wait 10 times running or watch
+        # a block slide 39 times), so repetition does not end episodes unless asked for.
+        options.setdefault("repetition_k", 0)
         super().__init__(path, **options)
         limit = self.max_turns + 1  # the agent's turn limit, not the simulator's, ends episodes
         self.pool: BackendPool = BackendPool("scienceworld", lambda: _start_jvm(limit), _stop_jvm,
