@@ -14,14 +14,17 @@ The same operations are methods for a DeploymentHandle: ``list_envs()``,
 
 Sessions live in the replica that created them (an episode holds a sandbox or a database): a
 per-replica cap (over it: 429 with the reason), an idle timeout (expired: 410), and ids that
-name their replica, so a request for a session whose replica is gone gets 410 with that reason
-instead of hanging. Blocking environment work runs in a thread pool, so sessions step
+name their replica. A custom Serve request router (``SessionRouter``) sends every request of a
+session, over HTTP or a handle, to that replica, so the deployment can run several replicas or
+autoscale; a request for a session whose replica is gone gets 410 with that reason instead of
+hanging. Blocking environment work runs in a thread pool, so sessions step
 concurrently. Run it with ``python -m serve.env_server CONFIG`` (section ``envs``).
 """
 
 
 import asyncio
 import logging
+import re
 import secrets
 import threading
 import time
@@ -34,6 +37,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import RequestRouter
 
 from serve.envs import EnvError, EpisodeOver, TaskSetupError, UnknownTask, load
 
@@ -66,10 +71,11 @@ class SessionManager:
     """Sessions of one replica (plain Python: usable without Serve, and unit-testable)."""
 
     def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
-                 idle_timeout_s: float = 600.0) -> None:
+                 idle_timeout_s: float = 600.0, tag: Optional[str] = None) -> None:
         """``envs``: served name -> {"env": registry name (default: the served name),
-        "path": task file or None, "options": {...}}."""
-        self.tag = secrets.token_hex(4)  # names this replica inside every session id
+        "path": task file or None, "options": {...}}. ``tag`` names this replica inside every
+        session id (the Serve replica id, so the request router can find the session's replica)."""
+        self.tag = tag or secrets.token_hex(4)
         self.max_sessions, self.idle_timeout_s = int(max_sessions), float(idle_timeout_s)
         self.envs: Dict[str, Any] = {}
         self.errors: Dict[str, str] = {}
@@ -218,14 +224,52 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse({"error": {"reason": f"bad request body: {where}", "status": 400}}, status_code=400)
 
 
-@serve.deployment(max_ongoing_requests=256)
+_SID = re.compile(rb"/sessions/([0-9a-z]+)-[0-9a-f]{16}")
+_SESSION_METHODS = {"step", "expert_action", "close_session"}
+
+
+def session_replica_tag(pending_request: Any) -> Optional[str]:
+    """The replica tag of the session a request is for (HTTP or handle call), else None."""
+    args = getattr(pending_request, "args", None) or []
+    if not args:
+        return None
+    first = args[0]
+    if isinstance(first, (bytes, bytearray)):  # an HTTP request as the proxy ships it
+        m = _SID.search(first)
+        return m.group(1).decode() if m else None
+    method = getattr(getattr(pending_request, "metadata", None), "call_method", None)
+    if method in _SESSION_METHODS and isinstance(first, str) and "-" in first:
+        return first.split("-", 1)[0]
+    return None
+
+
+class SessionRouter(RequestRouter):
+    """Sends a session's requests to the replica holding it (its id is in the session id);
+    new sessions and unknown ids go to any replica (which answers 410 for a lost session)."""
+
+    async def choose_replicas(self, candidate_replicas: List[Any],
+                              pending_request: Optional[Any] = None) -> List[List[Any]]:
+        tag = session_replica_tag(pending_request)
+        if tag:
+            owner = [r for r in candidate_replicas if r.replica_id.unique_id == tag]
+            if owner:
+                return [owner]
+        return [candidate_replicas]
+
+
+@serve.deployment(max_ongoing_requests=256,
+                  request_router_config=RequestRouterConfig(request_router_class=SessionRouter))
 @serve.ingress(app)
 class EnvServer:
     """Serve deployment hosting environment sessions (see module docstring)."""
 
     def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
                  idle_timeout_s: float = 600.0, reap_every_s: float = 5.0) -> None:
-        self.manager = SessionManager(envs, max_sessions, idle_timeout_s)
+        try:
+            tag = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 — outside Serve (direct construction): a random tag
+            tag = None
+        self.manager = SessionManager(envs, max_sessions, idle_timeout_s, tag)
         # One thread per possible session, so every session can step at the same time.
         self.pool = ThreadPoolExecutor(max_workers=max_sessions + 4, thread_name_prefix="env")
         self._stop = threading.Event()

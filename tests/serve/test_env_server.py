@@ -42,7 +42,8 @@ def _deploy(shared_data):
     envs = {"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl")}}
     if HAVE_BWRAP:
         envs["os"] = {"path": str(shared_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
-    app = EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
+    # Two replicas: every session request must reach the replica holding it (SessionRouter).
+    app = EnvServer.options(num_replicas=2, ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
     serve.run(app, name="envs_test", route_prefix="/")
 
 
@@ -116,14 +117,18 @@ def test_http_errors(server):
 
 
 def test_session_cap_gives_429(server):
-    sids = []
+    sids, refused = [], None
     try:
-        for _ in range(64):
+        for _ in range(2 * 64 + 1):  # two replicas of 64 each: a 429 must come by then
             r = requests.post(f"{server}/envs/db/sessions", json={"task_id": "1"}, timeout=60)
+            if r.status_code == 429:
+                refused = r.json()["error"]["reason"]
+                break
             assert r.status_code == 200, r.text
             sids.append(r.json()["session_id"])
-        r = requests.post(f"{server}/envs/db/sessions", json={"task_id": "1"}, timeout=60)
-        assert r.status_code == 429 and "max_sessions=64" in r.json()["error"]["reason"]
+        assert refused and "max_sessions=64" in refused
+        assert len(sids) >= 64
+        assert len({sid.split("-")[0] for sid in sids}) == 2  # both replicas hold sessions
     finally:
         for sid in sids:
             requests.delete(f"{server}/sessions/{sid}", timeout=60)
