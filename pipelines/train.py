@@ -119,7 +119,7 @@ def main(cfg: DictConfig):
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (ray job submit) or a local instance
     # Small read tasks: on a 2-CPU laptop the training workers hold every CPU.
-    ds = ray.data.read_parquet(conf["_files"], columns=list(COLUMNS), ray_remote_args={"num_cpus": 0.1})
+    ds = ray.data.read_parquet(conf["_files"], columns=list(COLUMNS), num_cpus=0.1)
     ds.context.enable_progress_bars = False  # per-worker bars flood job logs
     resources = dict(s["resources_per_worker"]) or None
     trainer = TorchTrainer(
@@ -189,6 +189,8 @@ def _build_engine(conf: Dict[str, Any], world: int):
     from transformers.integrations import HfDeepSpeedConfig
 
     t, m, use_gpu = conf["train"], conf["model"], conf["scaling"]["use_gpu"]
+    # Wrap Ray Train's process group first: zero.Init (ZeRO-3 loading) reads the world size from it.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
     ds_cfg = deepspeed_config(t, use_gpu, world)
     prec = precision(t, use_gpu)
     # ZeRO-3: while this object lives, from_pretrained builds the model partitioned (zero.Init),
