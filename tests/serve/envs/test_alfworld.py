@@ -119,6 +119,7 @@ def env_server(ray_local, shared_data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    serve.shutdown()  # a Serve left by an earlier module would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     envs = {"alfworld": {"path": str(shared_data / "alfworld" / "agentbench_dev.json")}}
     app = server_mod.EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 16, 600.0)

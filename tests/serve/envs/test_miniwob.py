@@ -73,6 +73,17 @@ def test_expert_refuses_unsupported_task(env):
     e.close()
 
 
+def test_stuck_step_becomes_task_error_and_browser_is_discarded(env):
+    tight = env.spawn()
+    tight.reset("click-button/0")
+    before = env.pool.size
+    tight.step_timeout_s = 1e-4  # no browser round trip is this fast: the step counts as stuck
+    r = tight.step("Action: click(4)")
+    assert r.done and r.status == Status.TASK_ERROR and "took over" in r.observation
+    assert env.pool.size == before - 1  # discarded, never handed to the next episode
+    assert run_episode(env, "click-button/1").reward == 1.0  # a fresh browser takes over
+
+
 def test_missing_chromium_names_debian_packages(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("MINIWOB_CHROME_BINARY", raising=False)
