@@ -298,6 +298,7 @@ class EFTConfig:
     max_sessions: int = 64  # separate: KV-cache sessions a model deployment keeps (LRU beyond)
     torch_threads: Optional[int] = None  # CPU threads per replica; None = torch's default
     blocking: bool = True  # `agenttuning eft` keeps serving until interrupted
+    use_ray: bool = True  # false: serve from this process with plain uvicorn (development, no Ray)
 
 
 # ----------------------------------------------------------------------------- envs

@@ -81,9 +81,16 @@ def load_lm(path: str, role: str, dtype: str = "auto", device: str = "auto", tru
     dev = _device(device)
     torch_dtype = {"auto": torch.float32 if dev == "cpu" else "auto", "float32": torch.float32,
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    log.info("EFT %s: %s on %s", role, path, dev)
-    return CausalLM(model.to(dev), role)
+    if dev == "cuda" and torch.cuda.device_count() > 1:
+        # A model given several GPUs (e.g. a 70B base with large_num_gpus: 4) is sharded layer-wise
+        # over all GPUs Ray made visible to this replica.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto",
+                                                     trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code).to(dev)
+    log.info("EFT %s: %s on %s (%d GPUs visible)", role, path, dev, torch.cuda.device_count())
+    return CausalLM(model, role)
 
 
 # ----------------------------------------------------------------------------- backend
@@ -308,10 +315,31 @@ def eft_builder(args: Dict[str, str]):
     return build_eft_app(load_config(path, [f"{k}={v}" for k, v in args.items()]))
 
 
+def serve_without_ray(cfg: DictConfig) -> None:
+    """``eft.use_ray=false``: the same OpenAI API from this process with plain uvicorn (development)."""
+    from serve.openai_api import run_local_server
+
+    c = to_dict(cfg)
+    backend = EFTBackend(c["eft"], c["model"])
+    settings = server_settings(c["eft"], c["model"], c["serve"], backend)
+    with run_local_server(build_openai_app(backend, settings), cfg.serve.host, cfg.serve.port) as url:
+        print(f"serving EFT model '{backend.model_id}' at {url} (OpenAI-compatible, no Ray)", flush=True)
+        try:
+            while cfg.eft.blocking:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
 def main(cfg: DictConfig) -> None:
     """`agenttuning eft CONFIG`: deploy the EFT server and serve until interrupted."""
+    from pipelines.tiny import ensure_model
     from serve.app import start_serve
 
+    if not cfg.eft.small_ft:
+        ensure_model(cfg)  # the tiny default small model is built on first use
+    if not cfg.eft.use_ray:
+        return serve_without_ray(cfg)
     start_serve(cfg)
     serve.run(build_eft_app(cfg), name=cfg.eft.app_name, route_prefix=cfg.eft.route_prefix)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.eft.route_prefix.rstrip('/')}/v1"
