@@ -90,6 +90,8 @@ def category_scores(per_task: Dict[str, Dict[str, Any]], categories: Dict[str, s
     out = {}
     for cat in sorted(set(categories.values())):
         tasks = [t for t, c in categories.items() if c == cat and t in per_task and per_task[t]["n"] > 0]
+        if not tasks:  # nothing scored (e.g. general tasks for the expert): no overall, not a 0
+            continue
         w = task_weights(tasks, weights, reference)
         total = sum(w.values())
         score = sum(w[t] * per_task[t]["score"] for t in tasks) / total if total else 0.0
@@ -105,7 +107,8 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
     lines.append("| category | " + " | ".join(pols) + " |")
     lines.append("|---|" + "---|" * len(pols))
     for c in cats:
-        row = [f"{report['policies'][p]['categories'].get(c, {}).get('score', float('nan')):.3f}" for p in pols]
+        row = [f"{report['policies'][p]['categories'][c]['score']:.3f}" if c in report["policies"][p]["categories"]
+               else "–" for p in pols]
         lines.append(f"| {c} | " + " | ".join(row) + " |")
     lines.append("\n## Tasks\n")
     lines.append("| task | category | " + " | ".join(f"{p} score | {p} success | {p} n" for p in pols) + " |")

@@ -78,25 +78,31 @@ def start_serve(cfg: DictConfig) -> None:
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
 
 
-def main(cfg: DictConfig) -> None:
-    """`agenttuning serve CONFIG`: deploy the model server and serve until interrupted."""
+def serve_app(cfg: DictConfig, app: Any, name: str, route_prefix: str, blocking: bool, what: str) -> str:
+    """Deploy ``app`` on Serve's HTTP proxy, print its OpenAI base URL, and (``blocking``) serve
+    until interrupted, then delete the app. Shared by ``agenttuning serve`` and ``eft``."""
     from ray import serve
 
+    start_serve(cfg)
+    serve.run(app, name=name, route_prefix=route_prefix)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}{route_prefix.rstrip('/')}/v1"
+    print(f"serving {what} at {url} (OpenAI-compatible; app '{name}')")
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(name)
+    return url
+
+
+def main(cfg: DictConfig) -> None:
+    """`agenttuning serve CONFIG`: deploy the model server and serve until interrupted."""
     from pipelines.tiny import ensure_model
 
     ensure_model(cfg)
-    start_serve(cfg)
-    serve.run(build_llm_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
-    prefix = cfg.serve.route_prefix.rstrip("/")
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}{prefix}/v1"
-    print(f"serving {cfg.model.name_or_path} at {url} (OpenAI-compatible; app '{cfg.serve.app_name}')")
-    if not cfg.serve.blocking:
-        return
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(cfg.serve.app_name)
+    serve_app(cfg, build_llm_app(cfg), cfg.serve.app_name, cfg.serve.route_prefix, cfg.serve.blocking,
+              cfg.model.name_or_path)
 
 
 if __name__ == "__main__":

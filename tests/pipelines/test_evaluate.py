@@ -67,13 +67,20 @@ def serve_down():
 def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir, shared_data, tmp_path):
     from pipelines.evaluate import main
 
-    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) for i in range(3)))
+    general = [{"name": "gsm", "kind": "math", "path": str(gsm), "max_tokens": 8}]
+    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False, general=general)
     report = main(cfg)
     expert, tiny = report["policies"]["expert"], report["policies"]["tiny"]
     assert expert["tasks"]["db"]["n"] == 6 and expert["tasks"]["db"]["score"] == 1.0
     assert tiny["tasks"]["db"]["n"] == 6 and tiny["tasks"]["db"]["score"] <= 0.2
     assert tiny["tasks"]["db"]["leading_error"] == "invalid_format"
     assert expert["categories"]["held_in"]["weights"] == {"db": 2.0}
+    # General math runs through the same policy path; the expert has no general ability.
+    assert tiny["tasks"]["gsm"]["n"] == 3 and 0.0 <= tiny["tasks"]["gsm"]["score"] <= 1.0
+    assert "not_applicable" in expert["tasks"]["gsm"] and "general" not in expert["categories"]
+    assert "general" in tiny["categories"]
     out = tmp_path / "eval"
     md = (out / "report.md").read_text()
     assert "expert score" in md and "tiny score" in md and "invalid_format" in md

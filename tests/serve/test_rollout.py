@@ -53,48 +53,38 @@ def local_endpoint(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def rollout(ray_local, tiny_model_dir, shared_data, local_endpoint):
-    from ray import serve
+def db_env(shared_data):
+    from serve.envs import load
 
-    from serve.rollout import RolloutServer
-
-    # Our own model deployment as the policy is covered by tests/pipelines/test_evaluate.py;
-    # here the model is an outside OpenAI-compatible endpoint (same protocol, no replica start).
-    serve.start(http_options={"host": "127.0.0.1", "port": 0})
-    tasks = [{"name": "db", "env": "db", "path": str(shared_data / "agentbench/dbbench_dev.jsonl"), "limit": 3,
-              "options": {"max_turns": 3}}]
-    policies = {
-        "expert": {"kind": "expert"},
-        "remote": {"kind": "openai", "base_url": local_endpoint, "model": "remote-tiny", "max_tokens": 32,
-                   "api_key_env": "AGENTTUNING_TEST_KEY"},
-        "remote_small_ctx": {"kind": "openai", "base_url": local_endpoint, "model": "remote-tiny", "max_tokens": 32,
-                             "context_limit": 64, "context_policy": "end"},
-        "remote_truncating": {"kind": "openai", "base_url": local_endpoint, "model": "remote-tiny", "max_tokens": 8,
-                              "context_limit": 600, "tokenizer": str(tiny_model_dir)},
-    }
-    serve.run(RolloutServer.options(ray_actor_options={"num_cpus": 0}).bind(tasks, policies),
-              name="rollout-test", route_prefix=None)
-    yield serve.get_deployment_handle("RolloutServer", app_name="rollout-test")
-    serve.shutdown()
+    env = load("db", str(shared_data / "agentbench/dbbench_dev.jsonl"), max_turns=3)
+    yield env
+    env.shutdown()
 
 
-def test_expert_and_model_episodes(rollout):
-    ids = rollout.task_ids.remote("db").result()["ids"]
-    assert len(ids) == 3
-    ep = rollout.run.remote("db", ids[0], "expert").result(timeout_s=120)
-    assert ep["reward"] == 1.0 and ep["status"] == "completed" and ep["policy"] == "expert"
+def _play(env, task_id, policy_cfg):
+    import asyncio
+
+    from serve.rollout import make_policy, play
+
+    return asyncio.run(play(env.spawn(), task_id, make_policy(policy_cfg)))
+
+
+def test_expert_and_endpoint_episodes(db_env, local_endpoint, tiny_model_dir):
+    """The episode loop of the rollout deployment (its Serve side runs in test_evaluate)."""
+    ids = db_env.tasks()
+    ep = _play(db_env, ids[0], {"kind": "expert"})
+    assert ep["reward"] == 1.0 and ep["status"] == "completed"
     assert ep["conversations"][-2]["from"] == "gpt" and ep["conversations"][-2]["loss"] is True
-    ep = rollout.run.remote("db", ids[0], "remote").result(timeout_s=120)
+    remote = {"kind": "openai", "base_url": local_endpoint, "model": "remote-tiny", "max_tokens": 32,
+              "api_key_env": "AGENTTUNING_TEST_KEY"}
+    ep = _play(db_env, ids[0], remote)
     # An untrained model does not produce "Action: ..." lines: the environment ends it as invalid.
-    assert ep["policy"] == "remote" and ep["reward"] == 0.0 and ep["status"] == "invalid_format"
-    assert ep["turns"] == 1 and ep["conversations"][-2]["loss"] is True
-    ep = rollout.run.remote("db", ids[0], "remote_small_ctx").result(timeout_s=120)
+    assert ep["reward"] == 0.0 and ep["status"] == "invalid_format" and ep["turns"] == 1
+    assert ep["conversations"][-2]["loss"] is True
+    ep = _play(db_env, ids[0], {**remote, "context_limit": 64, "context_policy": "end"})
     assert ep["status"] == "context_limit" and ep["turns"] == 0
     # The opening prompt alone is longer than 600 tokens: truncation cannot help -> context_limit.
-    ep = rollout.run.remote("db", ids[1], "remote_truncating").result(timeout_s=120)
+    ep = _play(db_env, ids[1], {**remote, "context_limit": 600, "tokenizer": str(tiny_model_dir)})
     assert ep["status"] == "context_limit"
-
-
-def test_general_chat_through_policy(rollout):
-    text = rollout.chat.remote("remote", [{"role": "user", "content": "2+2?"}], 8).result(timeout_s=60)
-    assert isinstance(text, str)
+    ep = _play(db_env, ids[1], {**remote, "context_limit": 2000, "tokenizer": str(tiny_model_dir)})
+    assert ep["status"] == "invalid_format"
