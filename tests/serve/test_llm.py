@@ -115,3 +115,20 @@ def test_continuous_batching_matches_serial_greedy(backend):
     assert results == serial
     # Batched: fewer decode steps than the serial sum of generated tokens.
     assert backend.engine.steps - steps < sum(len(s) for s in serial)
+
+
+def test_placement_and_backend_choice_from_config(tiny_model_dir):
+    from pipelines.config import ConfigError, load_config, to_dict
+    from serve.app import _placement
+    from serve.llm import make_backend, vllm_available
+
+    cfg = load_config(None, ["serve.num_gpus=1", "serve.autoscaling={min_replicas: 1, max_replicas: 4}"])
+    opts = _placement(to_dict(cfg)["serve"])
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
+    assert _placement(to_dict(load_config(None, ["serve.num_replicas=3"]))["serve"])["num_replicas"] == 3
+    with pytest.raises(ConfigError, match="serve.backend"):
+        load_config(None, ["serve.backend=tgi"])
+    if not vllm_available():
+        with pytest.raises(RuntimeError, match="vllm is not installed"):
+            make_backend({"backend": "vllm"}, {"name_or_path": str(tiny_model_dir)})
