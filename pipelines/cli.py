@@ -16,6 +16,7 @@ JOBS = {
     "eval": "pipelines.evaluate",
     "run": "pipelines.run",
     "serve": "serve.app",
+    "envs": "serve.env_server",  # environment server (configs/envs.yaml)
     "eft": "serve.eft",
     "build-model": "pipelines.tiny",
 }
