@@ -131,12 +131,12 @@ def test_hostile_sql_is_refused_and_slow_sql_is_cut(env, tmp_path):
             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c")
     t0 = time.monotonic()
     r = env.step(f"Action: Operation\n```sql\n{slow}\n```")
-    assert time.monotonic() - t0 < 2.0 + 3.0 and r.observation.startswith("1969 (70100)")
+    assert time.monotonic() - t0 < 2.0 + 6.0 and r.observation.startswith("1969 (70100)")
     if name == "mariadb":  # lifting the session limit does not help: the client cuts it
         env.step("Action: Operation\n```sql\nSET SESSION max_statement_time = 0\n```")
         t0 = time.monotonic()
         r = env.step("Action: Operation\n```sql\nSELECT SLEEP(30)\n```")
-        assert time.monotonic() - t0 < 2.0 + 4.0 and r.observation.startswith("1969 (70100)")
+        assert time.monotonic() - t0 < 2.0 + 8.0 and r.observation.startswith("1969 (70100)")
         r = env.step("Action: Operation\n```sql\nSELECT COUNT(*) FROM `US Ambassadors and Envoy Extraordinary to Colombia`\n```")
         assert r.observation == "[(37,)]"  # the episode goes on, on a fresh connection
 
