@@ -126,7 +126,7 @@ def test_beta_zero_reproduces_the_large_base(trio):
 @pytest.mark.parametrize("beta", [1.0, 2.5])
 def test_equal_bases_reproduce_the_small_fine_tuned_model(trio, beta):
     _, base, ft = trio
-    dec = make_decoder((base, base, ft), beta=1.0 if beta == 1.0 else beta)
+    dec = make_decoder((base, base, ft), beta=beta)
     prefixes = random_prefixes(6, seed=12)
     got = np.stack([dec.target_logprobs(p).exp().numpy() for p in prefixes])
     if beta == 1.0:  # log p_L - log p_sb cancels exactly: EFT == small fine-tuned
