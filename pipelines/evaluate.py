@@ -79,6 +79,9 @@ def resolve_policies(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
             p["app_name"] = f"llm-{name}"
             p["model"] = name  # served under the policy's name
             p.setdefault("system_prompt", cfg.model.system_prompt)
+            # Count context tokens exactly as the server will (same tokenizer and chat format).
+            p["tokenizer"] = p.get("tokenizer") or p["model_path"]
+            p.setdefault("chat_template", cfg.model.chat_template)
         out[name] = p
     return out
 

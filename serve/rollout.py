@@ -77,7 +77,7 @@ class ChatPolicy:
         self.context_limit: Optional[int] = cfg.get("context_limit")
         self.context_policy = cfg.get("context_policy", "truncate")
         self._tok = None
-        if cfg.get("tokenizer"):
+        if cfg.get("tokenizer") and self.context_limit is not None:  # only needed to count tokens
             from pipelines.chat import load_tokenizer
 
             self._tok = load_tokenizer(cfg["tokenizer"], cfg.get("chat_template", "llama2"))
