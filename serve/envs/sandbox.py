@@ -24,7 +24,7 @@ Requires ``bwrap`` (Debian: bubblewrap) and either root or unprivileged user nam
 
 from __future__ import annotations
 
-import atexit
+import hashlib
 import json
 import logging
 import os
@@ -194,21 +194,49 @@ _template_lock = threading.Lock()
 _template: Optional[str] = None
 
 
+def _template_key() -> str:
+    """Changes when the executor, the shim or the host's copied /etc entries change."""
+    h = hashlib.sha1()
+    with open(os.path.join(os.path.dirname(__file__), "sandbox_executor.py"), "rb") as f:
+        h.update(f.read())
+    h.update(SUDO_SHIM.encode())
+    for name in ETC_ALLOW + ("../usr/share/base-passwd/passwd.master", "../usr/share/base-passwd/group.master"):
+        try:
+            st = os.lstat(os.path.join("/etc", name))
+            h.update(f"{name}:{st.st_mtime_ns}:{st.st_size};".encode())
+        except OSError:
+            h.update(f"{name}:-;".encode())
+    return h.hexdigest()[:16]
+
+
+def _trusted(path: str) -> bool:
+    st = os.lstat(path)
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not os.path.islink(path)
+
+
 def template_dir() -> str:
-    """The process-wide template (built on first use, removed at exit)."""
+    """The template, built once per machine and user into the temp directory and kept there as a
+    cache (~1 MB; a process killed without cleanup leaves nothing new behind)."""
     global _template
     with _template_lock:
         if _template is None:
-            bwrap = shutil.which("bwrap")
-            if not bwrap:
+            if not shutil.which("bwrap"):
                 raise SandboxUnavailable("bubblewrap is not installed (apt-get install bubblewrap)")
             if not sandbox_python():
                 raise SandboxUnavailable("a python3 under /usr (/usr/bin or /usr/local/bin) is "
                                          "needed inside the sandbox")
-            tmp = tempfile.mkdtemp(prefix="agt-sandbox-tpl-")
-            os.chmod(tmp, 0o755)
-            _template = build_template(os.path.join(tmp, "root"))
-            atexit.register(shutil.rmtree, tmp, True)
+            final = os.path.join(tempfile.gettempdir(), f"agt-sandbox-{os.geteuid()}-{_template_key()}")
+            if os.path.exists(final) and not _trusted(final):  # someone else's dir: don't use it
+                final = os.path.join(tempfile.mkdtemp(prefix="agt-sandbox-private-"), "root")
+            if not os.path.isfile(os.path.join(final, "executor.py")):
+                tmp = tempfile.mkdtemp(prefix="agt-sandbox-build-")
+                build_template(os.path.join(tmp, "root"))
+                try:
+                    os.rename(os.path.join(tmp, "root"), final)  # atomic; a concurrent build may win
+                except OSError:
+                    pass
+                shutil.rmtree(tmp, ignore_errors=True)
+            _template = final
         return _template
 
 

@@ -133,7 +133,9 @@ def test_hostile_actions_are_contained(env, host_side, tmp_path):
     assert "No space left on device" in outputs[4]
     assert "MemoryError" in outputs[5]
     assert host_side["proc"].poll() is None  # the host process survived
-    assert free_before - shutil.disk_usage(str(tmp_path)).free < 64 * 1024 ** 2
+    # The fill stopped at the 128 MB tmpfs (ENOSPC above); the host disk did not absorb the ~GBs
+    # dd would have written in 2 s (loose bound: other jobs share this disk).
+    assert free_before - shutil.disk_usage(str(tmp_path)).free < 512 * 1024 ** 2
     r = other.step(_bash("ls -a /home | grep '^\\.' | wc -l"))
     assert r.observation.strip().endswith("8")  # 6 hidden files plus . and ..
     other.close()
