@@ -17,7 +17,8 @@ What an episode gets, and what it cannot do:
   address space and CPU seconds per process, file size, open files; every agent command has a
   wall-clock timeout after which its process group is killed and the shell restarts.
 
-Start-up is ~0.1 s (no image to pull): the template ``/etc`` is built once per process.
+Start-up is ~0.1 s (no image to pull): the template (``/etc``, executor, shim) is built once per
+machine and user and cached in the temp directory, keyed by its content.
 Requires ``bwrap`` (Debian: bubblewrap) and either root or unprivileged user namespaces with
 ``newuidmap``-free mapping (we write the uid map as root); ``SandboxUnavailable`` says why not.
 """
