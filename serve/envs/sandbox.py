@@ -19,8 +19,8 @@ What an episode gets, and what it cannot do:
 
 Start-up is ~0.1 s (no image to pull): the template (``/etc``, executor, shim) is built once per
 machine and user and cached in the temp directory, keyed by its content.
-Requires ``bwrap`` (Debian: bubblewrap) and either root or unprivileged user namespaces with
-``newuidmap``-free mapping (we write the uid map as root); ``SandboxUnavailable`` says why not.
+Requires ``bwrap`` (Debian: bubblewrap), user namespaces, and root (mapping a whole uid range
+needs CAP_SETUID in the parent namespace; CI runs as root); ``SandboxUnavailable`` says why not.
 """
 
 from __future__ import annotations
