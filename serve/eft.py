@@ -280,7 +280,12 @@ class EFTServer:
         """A chat completion request dict → response dict (or an OpenAI error body)."""
         return await complete(self.chat_api, body)
 
+    def model_id(self) -> str:
+        """Same handle interface as ``serve.llm.LLMServer`` (rollouts may call either)."""
+        return self.backend.model_id
+
     def stats(self) -> Dict[str, float]:
+        """Totals over served requests: tokens, rounds, drafted/accepted tokens, tokens/s."""
         return self.backend.stats()
 
 

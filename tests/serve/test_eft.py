@@ -138,6 +138,7 @@ def test_serve_app(ray_local, trio, backend, placement):
         body = {"model": backend.model_id, "messages": MSGS, "max_tokens": 12, "temperature": 0}
         r = handle.chat.remote(body).result()
         assert r["choices"][0]["message"]["content"] == want, r  # speculative greedy == plain EFT greedy
+        assert handle.model_id.remote().result() == backend.model_id  # LLMServer's handle interface
         bad = handle.chat.remote({**body, "model": "nope"}).result()
         assert bad["error"]["code"] == 404
         stats = handle.stats.remote().result()
