@@ -158,7 +158,8 @@ def write_plot(report: Dict[str, Any], path: str) -> Optional[str]:
         vals = [r["tasks"].get(l, r["categories"].get(l, {})).get("score", 0.0) for l in labels]
         ax.bar([x + i * width for x in range(len(labels))], vals, width, label=p)
     ax.set_xticks([x + width * (len(pols) - 1) / 2 for x in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=30, ha="right")
+    n_tasks = len(report["categories"])
+    ax.set_xticklabels([l if i < n_tasks else f"{l} (overall)" for i, l in enumerate(labels)], rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.set_title("Evaluation: task scores and category overall")
     ax.legend()
