@@ -40,7 +40,8 @@ def _cfg(tmp_path, model_dir, data, **eval_over):
     ev = {
         "output_dir": str(tmp_path / "eval"),
         "tasks": [{"name": "db", "env": "db", "path": str(data / "agentbench/dbbench_dev.jsonl"), "limit": 6,
-                   "options": {"max_turns": 3}}],
+                   "options": {"max_turns": 3}},
+                  {"name": "os", "env": "os", "path": str(data / "agentbench/os_dev.json"), "limit": 3}],
         "policies": {"expert": {"kind": "expert"}, "tiny": {"kind": "model", "max_tokens": 24}},
         "concurrency": 4,
         "reference_scores": {"db": 0.5},
@@ -76,7 +77,9 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert expert["tasks"]["db"]["n"] == 6 and expert["tasks"]["db"]["score"] == 1.0
     assert tiny["tasks"]["db"]["n"] == 6 and tiny["tasks"]["db"]["score"] <= 0.2
     assert tiny["tasks"]["db"]["leading_error"] == "invalid_format"
-    assert expert["categories"]["held_in"]["weights"] == {"db": 2.0}
+    assert expert["tasks"]["os"]["n"] == 3 and expert["tasks"]["os"]["score"] == 1.0
+    assert tiny["tasks"]["os"]["score"] == 0.0 and tiny["tasks"]["os"]["leading_error"] == "invalid_format"
+    assert expert["categories"]["held_in"]["weights"] == {"db": 2.0, "os": 1.0}
     # General math runs through the same policy path; the expert has no general ability.
     assert tiny["tasks"]["gsm"]["n"] == 3 and 0.0 <= tiny["tasks"]["gsm"]["score"] <= 1.0
     assert "not_applicable" in expert["tasks"]["gsm"] and "general" not in expert["categories"]
@@ -86,7 +89,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert "expert score" in md and "tiny score" in md and "invalid_format" in md
     assert (out / "report.png").stat().st_size > 1000
     lines = (out / "trajectories.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and {json.loads(l)["policy"] for l in lines} == {"expert", "tiny"}
+    assert len(lines) == 18 and {json.loads(l)["policy"] for l in lines} == {"expert", "tiny"}
     # The model app is the OpenAI-compatible server on Serve's HTTP proxy (127.0.0.1).
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serve.port}/tiny/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -97,7 +100,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert r.usage.completion_tokens >= 1
     # Resuming a complete evaluation (against the apps still running) runs nothing.
     again = main(_cfg(tmp_path, tiny_model_dir, shared_data, deploy=False))
-    assert again["episodes_run"] == 0 and again["episodes_resumed"] == 12
+    assert again["episodes_run"] == 0 and again["episodes_resumed"] == 18
     assert again["policies"]["tiny"]["tasks"]["db"] == tiny["tasks"]["db"]
     from ray import serve
 
