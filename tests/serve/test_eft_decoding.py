@@ -180,7 +180,7 @@ def test_greedy_speculative_equals_greedy_and_the_eft_argmax(trio):
 @pytest.mark.parametrize(
     "n,k,temperature,top_p",
     [
-        (600, 3, 0.9, 0.95),
+        (400, 3, 0.9, 0.95),
         pytest.param(6000, 3, 0.9, 0.95, marks=pytest.mark.slow),
         pytest.param(6000, 2, 1.0, 1.0, marks=pytest.mark.slow),
         pytest.param(6000, 3, 0.6, 0.8, marks=pytest.mark.slow),
