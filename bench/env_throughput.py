@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--envs", default="db,os")
     ap.add_argument("--db-backend", default="auto", choices=["auto", "mariadb", "sqlite"])
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--heldout-episodes", default="16,48",
+                    help="ALFWorld,MiniWoB episodes for alfworld/miniwob_speedup_c8 (0,0 skips them)")
     args = ap.parse_args()
     names = [n for n in args.envs.split(",") if n]
     specs = env_specs(names, args.db_backend)
@@ -120,6 +122,13 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         http_episode(base, *jobs[0], requests.Session())  # warm-up
         rates = {c: over_http(base, jobs, c) for c in levels}
+        serve.shutdown()
+        n_alf, n_mw = (int(n) for n in args.heldout_episodes.split(","))
+        heldout = {}
+        if n_alf and n_mw:  # ALFWorld and MiniWoB++ at c8 (bench/env_throughput_heldout.py)
+            from env_throughput_heldout import heldout_speedups
+
+            heldout = heldout_speedups(n_alf, n_mw, 8)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -130,7 +139,8 @@ def main() -> None:
         json.dump({"episodes": len(jobs), "envs": names, "db_backend": args.db_backend,
                    "serial_eps": base_eps, "http_eps": rates}, f, indent=1)
     sp = {c: rates[c] / base_eps for c in levels}
-    print(f"RESULT speedup_c8={sp.get(8, float('nan')):.2f} speedup_c32={sp.get(32, float('nan')):.2f}")
+    extra = "".join(f" {k}_speedup_c8={v['speedup']:.2f}" for k, v in heldout.items())
+    print(f"RESULT speedup_c8={sp.get(8, float('nan')):.2f} speedup_c32={sp.get(32, float('nan')):.2f}{extra}")
 
 
 if __name__ == "__main__":

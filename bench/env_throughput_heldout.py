@@ -3,7 +3,8 @@ concurrency 8 against the same episodes run in-process serially (the baseline), 
 
 Uses the episode drivers of ``bench/env_throughput.py`` (same HTTP session protocol, same
 warm-up, same expert check), on ALFWorld's 20 AgentBench dev games and on MiniWoB++ tasks with a
-scripted solver (``serve.envs.miniwob_expert.SOLVERS``), one env-server replica.
+scripted solver (``serve.envs.miniwob_expert.SOLVERS``), ``--replicas`` env-server replicas.
+``bench/env_throughput.py`` runs this too and appends the two keys to its RESULT line.
 
     python bench/env_throughput_heldout.py [--alfworld-episodes 16] [--miniwob-episodes 48]
 
@@ -36,8 +37,10 @@ def specs_for(concurrency: int) -> Dict[str, Dict[str, dict]]:
     }
 
 
-def measure(name: str, spec: Dict[str, dict], episodes: int, concurrency: int) -> Dict[str, float]:
-    """Serial in-process episodes/s, then over HTTP at ``concurrency`` on a fresh env server."""
+def measure(name: str, spec: Dict[str, dict], episodes: int, concurrency: int,
+            replicas: int = 2) -> Dict[str, float]:
+    """Serial in-process episodes/s, then over HTTP at ``concurrency`` on a fresh env server
+    with ``replicas`` replicas (ALFWorld's engine is GIL-bound: processes, not threads, scale it)."""
     from ray import serve
 
     from serve.env_server import EnvServer
@@ -49,16 +52,30 @@ def measure(name: str, spec: Dict[str, dict], episodes: int, concurrency: int) -
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(spec, concurrency + 8, 600.0),
+        opts = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}}
+        serve.run(EnvServer.options(**opts).bind(spec, concurrency + 8, 600.0),
                   name=f"bench_{name}", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         over_http(base, jobs[:concurrency], concurrency)  # warm-up: start every pooled backend
         http_eps = over_http(base, jobs, concurrency)
     finally:
         serve.shutdown()
-    print(f"{name}: serial in-process {base_eps:.2f} episodes/s, env server c{concurrency} "
+    print(f"{name}: serial in-process {base_eps:.2f} episodes/s, env server ({replicas} replicas) c{concurrency} "
           f"{http_eps:.2f} episodes/s ({http_eps / base_eps:.2f}x serial; {len(jobs)} episodes)")
-    return {"serial_eps": base_eps, "http_eps": http_eps, "speedup": http_eps / base_eps, "episodes": len(jobs)}
+    return {"serial_eps": base_eps, "http_eps": http_eps, "speedup": http_eps / base_eps,
+            "episodes": len(jobs), "replicas": replicas}
+
+
+def heldout_speedups(alfworld_episodes: int, miniwob_episodes: int, concurrency: int = 8,
+                     replicas: int = 2) -> Dict[str, Dict[str, float]]:
+    """Both measurements on the running Ray (no Serve app may be running)."""
+    specs = specs_for(concurrency)
+    out = {"alfworld": measure("alfworld", specs["alfworld"], alfworld_episodes, concurrency, replicas),
+           "miniwob": measure("miniwob", specs["miniwob"], miniwob_episodes, concurrency, replicas)}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "env_throughput_heldout.json"), "w") as f:
+        json.dump({"concurrency": concurrency, "cpus": os.cpu_count(), **out}, f, indent=1)
+    return out
 
 
 def main() -> None:
@@ -66,19 +83,15 @@ def main() -> None:
     ap.add_argument("--alfworld-episodes", type=int, default=16)
     ap.add_argument("--miniwob-episodes", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--replicas", type=int, default=2, help="env-server replicas (default: 2 = CPUs here)")
     args = ap.parse_args()
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     try:
-        specs = specs_for(args.concurrency)
-        out = {"alfworld": measure("alfworld", specs["alfworld"], args.alfworld_episodes, args.concurrency),
-               "miniwob": measure("miniwob", specs["miniwob"], args.miniwob_episodes, args.concurrency)}
+        out = heldout_speedups(args.alfworld_episodes, args.miniwob_episodes, args.concurrency, args.replicas)
     finally:
         ray.shutdown()
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "env_throughput_heldout.json"), "w") as f:
-        json.dump({"concurrency": args.concurrency, "cpus": os.cpu_count(), **out}, f, indent=1)
     c = args.concurrency
     print(f"RESULT alfworld_speedup_c{c}={out['alfworld']['speedup']:.2f} "
           f"miniwob_speedup_c{c}={out['miniwob']['speedup']:.2f}")
