@@ -132,3 +132,21 @@ def test_placement_and_backend_choice_from_config(tiny_model_dir):
     if not vllm_available():
         with pytest.raises(RuntimeError, match="vllm is not installed"):
             make_backend({"backend": "vllm"}, {"name_or_path": str(tiny_model_dir)})
+
+
+def test_client_disconnect_frees_the_batch_slot(base_url, backend):
+    """A client that goes away mid-stream must not keep its row decoding (no leaked work)."""
+    import time
+
+    body = {"model": "tiny", "messages": _msgs("tell a long story"), "max_tokens": 3000, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=60) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events >= 3:
+                break
+    deadline = time.time() + 10
+    while backend.engine.active and time.time() < deadline:
+        time.sleep(0.02)
+    assert backend.engine.active == []
