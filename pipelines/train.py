@@ -4,7 +4,7 @@
 `ray job submit --working-dir . -- python -m pipelines.train CONFIG`. See docs/training.md.
 
 Data order: every worker streams the same ordered dataset and keeps its slice of each
-(micro_batch · world_size)-row batch (`worker_slice`), so optimizer step s always covers rows
+(micro_batch · world_size)-row group (`worker_rows`), so optimizer step s always covers rows
 [s·G, (s+1)·G) of the epoch (G = global batch) whatever the worker count or accumulation; resuming
 skips exactly the rows already consumed.
 """
@@ -24,7 +24,7 @@ from pipelines.config import ConfigError, to_dict
 from pipelines.train_utils import (
     COLUMNS, GROUPS, IGNORE, backward_scale, check_tokenizer, deepspeed_config, flops_per_token,
     lr_lambda, packed_forward, parquet_files, peak_memory_gb, peak_tflops, precision, read_manifest,
-    row_digest, shifted_targets, worker_slice,
+    row_digest, shifted_targets, worker_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,11 @@ def main(cfg: DictConfig):
 # ----------------------------------------------------------------------------- worker
 
 
-def _collate(batch: Dict[str, Any], rank: int, micro: int) -> Dict[str, Any]:
-    return worker_slice(batch, rank, micro)
+CHUNK_ROWS = 256  # rows per Ray Data batch: fewer iterator round trips than one per micro-batch
+
+
+def _collate(batch: Dict[str, Any], rank: int, micro: int, world: int) -> Dict[str, Any]:
+    return worker_rows(batch, rank, micro, world)
 
 
 def micro_batches(shard, conf: Dict[str, Any], rank: int, world: int, start_step: int) -> Iterator[Tuple[int, Dict]]:
@@ -154,17 +157,21 @@ def micro_batches(shard, conf: Dict[str, Any], rank: int, world: int, start_step
     t = conf["train"]
     micro, gas = t["micro_batch_size"], t["global_batch_size"] // (world * t["micro_batch_size"])
     steps_per_epoch = conf["_num_rows"] // t["global_batch_size"]
+    group = micro * world
     step = start_step
     while True:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         skip, stop = in_epoch * gas, steps_per_epoch * gas
         n = 0
-        for batch in shard.iter_torch_batches(batch_size=micro * world, drop_last=True,
-                                              prefetch_batches=t["prefetch_batches"],
-                                              collate_fn=functools.partial(_collate, rank=rank, micro=micro)):
-            if n >= skip:
-                yield epoch, batch
-            n += 1
+        collate = functools.partial(_collate, rank=rank, micro=micro, world=world)
+        for chunk in shard.iter_torch_batches(batch_size=group * max(1, CHUNK_ROWS // group),
+                                              prefetch_batches=t["prefetch_batches"], collate_fn=collate):
+            for i in range(0, len(chunk["input_ids"]), micro):
+                if n >= skip:
+                    yield epoch, {k: v[i:i + micro] for k, v in chunk.items()}
+                n += 1
+                if n >= stop:
+                    break
             if n >= stop:
                 break
         step = (epoch + 1) * steps_per_epoch
@@ -357,7 +364,7 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
             gathered = [None] * world
             dist.all_gather_object(gathered, digests)
             if rank == 0 and local:
-                # Global row order of the step: micro-batch index, then rank (see worker_slice).
+                # Global row order of the step: micro-batch index, then rank (see worker_rows).
                 rows = [d for i in range(gas) for g in gathered for d in g[i]]
                 _append(os.path.join(rdir, "samples.jsonl"), {"step": step, "epoch": epoch, "rows": rows})
         is_save = step % t["save_every"] == 0 or step == end

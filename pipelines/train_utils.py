@@ -104,18 +104,22 @@ def row_digest(input_ids: torch.Tensor) -> List[int]:
     return [zlib.crc32(r.tobytes()) for r in arr]
 
 
-def worker_slice(batch: Dict[str, Any], rank: int, micro: int) -> Dict[str, torch.Tensor]:
-    """This worker's rows of a (micro · world_size)-row batch, as int64 tensors.
+def worker_rows(batch: Dict[str, Any], rank: int, micro: int, world: int) -> Dict[str, torch.Tensor]:
+    """This worker's rows of a batch made of whole (micro · world)-row groups, as int64 tensors.
 
     Every worker reads the same ordered stream and keeps rows [rank·micro, (rank+1)·micro) of each
-    batch, so a global step always covers the same rows whatever the worker count and accumulation.
+    group, so a global step always covers the same rows whatever the worker count and accumulation.
+    A trailing incomplete group (end of the data) is dropped. Result: [n_groups · micro, T].
     """
+    group = micro * world
+    n = len(batch["input_ids"]) // group
+    idx = np.array([g * group + rank * micro + j for g in range(n) for j in range(micro)], dtype=np.int64)
     out = {}
     for k in COLUMNS:
         if k in batch:
-            v = batch[k][rank * micro:(rank + 1) * micro]
-            if isinstance(v, np.ndarray) and v.dtype == object:  # Arrow list column → array of arrays
-                v = np.stack(list(v)).astype(np.int64)
+            v = np.asarray(batch[k])[idx] if n else np.asarray(batch[k])[:0]
+            if v.dtype == object:  # Arrow list column → array of arrays
+                v = np.stack(list(v)).astype(np.int64) if len(v) else np.zeros((0, 0), dtype=np.int64)
             out[k] = torch.as_tensor(v).to(torch.int64)
     return out
 

@@ -8,7 +8,7 @@ import torch
 from pipelines.config import ConfigError, load_config, to_dict
 from pipelines.train_utils import (
     IGNORE, backward_scale, check_tokenizer, deepspeed_config, lr_lambda, packed_forward, shifted_targets,
-    worker_slice,
+    worker_rows,
 )
 
 
@@ -106,12 +106,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert fn(100) == pytest.approx(0.1) and fn(500) == pytest.approx(0.1)
 
 
-def test_worker_slice_takes_rank_rows_in_order():
+def test_worker_rows_take_the_rank_slice_of_every_group():
     import numpy as np
 
-    batch = {"input_ids": np.array([np.arange(4) + 10 * i for i in range(6)], dtype=object)}
-    out = worker_slice(batch, rank=1, micro=2)
-    assert out["input_ids"].tolist() == [[20, 21, 22, 23], [30, 31, 32, 33]]
+    batch = {"input_ids": np.array([np.arange(4) + 10 * i for i in range(7)], dtype=object)}
+    assert [r[0] for r in worker_rows(batch, rank=1, micro=1, world=2)["input_ids"].tolist()] == [10, 30, 50]
+    assert [r[0] for r in worker_rows(batch, rank=1, micro=2, world=3)["input_ids"].tolist()] == [20, 30]
+    assert worker_rows(batch, rank=0, micro=4, world=2)["input_ids"].shape[0] == 0  # no complete group
 
 
 def test_deepspeed_config_from_ours():
