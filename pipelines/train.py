@@ -226,25 +226,65 @@ def _scheduler(optimizer, fn):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def _restore(engine, conf: Dict[str, Any]) -> int:
-    """Load engine + data position from Ray's checkpoint (restart / same run) or train.resume_from."""
+def _complete(path: str) -> bool:
+    """All ranks' DeepSpeed files are there (a worker can die while its shard is being persisted)."""
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            world = int(json.load(f)["world_size"])
+        files = os.listdir(os.path.join(path, DS_DIR, DS_TAG))
+    except (OSError, ValueError, KeyError):
+        return False
+    shards = [f for f in files if f.endswith("optim_states.pt")]
+    return any(f.endswith("model_states.pt") for f in files) and (not shards or len(shards) >= world)
+
+
+def _resume_source(conf: Dict[str, Any]) -> Optional[str]:
+    """The newest checkpoint among Ray's (restart / restored run) and this run directory's.
+
+    Ray Train registers a checkpoint when its controller next polls the workers; a worker dying
+    right after reporting can leave the newest one unregistered, yet complete on storage, so the
+    run directory is scanned too. Falls back to train.resume_from=PATH on a fresh run.
+    """
     import ray.train
 
+    t = conf["train"]
     ckpt = ray.train.get_checkpoint()
-    resume = conf["train"]["resume_from"]
-    if ckpt is None and resume in ("auto", "none"):
+    found = []
+    if ckpt is not None and _is_local(ckpt.path) and os.path.isfile(os.path.join(ckpt.path, STATE_FILE)):
+        with open(os.path.join(ckpt.path, STATE_FILE), encoding="utf-8") as f:
+            found.append((int(json.load(f)["step"]), ckpt.path))
+    elif ckpt is not None:
+        return ckpt.path  # remote storage: trust Ray's bookkeeping
+    if _is_local(t["output_dir"]):
+        found += [(step, path) for step, path in list_checkpoints(run_dir(t)) if _complete(path)]
+    if found:
+        return max(found)[1]
+    return None if t["resume_from"] in ("auto", "none") else t["resume_from"]
+
+
+def _restore(engine, conf: Dict[str, Any]) -> int:
+    """Load engine + data position from the newest checkpoint (see _resume_source); 0 if none."""
+    src = _resume_source(conf)
+    if src is None:
         return 0
-    ctx = ckpt.as_directory() if ckpt is not None else _nullpath(resume)
+    ctx = _nullpath(src) if _is_local(src) else ray_checkpoint_dir(src)
     with ctx as d:
         engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
         with open(os.path.join(d, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
     if state["global_batch_size"] != conf["train"]["global_batch_size"]:
-        raise ConfigError(f"config key 'train.global_batch_size': checkpoint {d} was trained with "
+        raise ConfigError(f"config key 'train.global_batch_size': checkpoint {src} was trained with "
                           f"{state['global_batch_size']}; the data position cannot be carried over")
-    log.info("resumed from %s at step %d", d, state["step"])
+    log.info("resumed from %s at step %d", src, state["step"])
     return int(state["step"])
+
+
+def ray_checkpoint_dir(uri: str):
+    """A local copy of a checkpoint on remote storage (context manager yielding its path)."""
+    import ray.train
+
+    return ray.train.Checkpoint(uri).as_directory()
 
 
 class _nullpath:
