@@ -141,8 +141,8 @@ def test_hostile_sql_is_refused_and_slow_sql_is_cut(env, tmp_path):
         assert r.observation == "[(37,)]"  # the episode goes on, on a fresh connection
 
 
-def test_skipped_records_have_reasons(tmp_path):
-    good = json.loads(open(envs.base.data_file("agentbench/dbbench_dev.jsonl")).readline())
+def test_skipped_records_have_reasons(tmp_path, shared_data):
+    good = json.loads(open(shared_data / "agentbench" / "dbbench_dev.jsonl").readline())
     bad = dict(good)
     del bad["table"]
     p = tmp_path / "t.jsonl"
