@@ -245,7 +245,13 @@ def session_replica_tag(pending_request: Any) -> Optional[str]:
 
 class SessionRouter(RequestRouter):
     """Sends a session's requests to the replica holding it (its id is in the session id);
-    new sessions and unknown ids go to any replica (which answers 410 for a lost session)."""
+    new sessions and unknown ids go to any replica (which answers 410 for a lost session).
+
+    New sessions rotate over the replicas: Serve picks the shortest queue and breaks ties by list
+    order, so without rotation sequential clients would fill one replica's session cap (429)
+    while the others stay empty."""
+
+    _turn = 0
 
     async def choose_replicas(self, candidate_replicas: List[Any],
                               pending_request: Optional[Any] = None) -> List[List[Any]]:
@@ -254,7 +260,10 @@ class SessionRouter(RequestRouter):
             owner = [r for r in candidate_replicas if r.replica_id.unique_id == tag]
             if owner:
                 return [owner]
-        return [candidate_replicas]
+        if not candidate_replicas:
+            return [candidate_replicas]
+        self._turn = (self._turn + 1) % len(candidate_replicas)
+        return [candidate_replicas[self._turn:] + candidate_replicas[: self._turn]]
 
 
 @serve.deployment(max_ongoing_requests=256,
