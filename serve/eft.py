@@ -29,7 +29,7 @@ from ray import serve
 
 from pipelines.config import to_dict
 from serve.eft_decoding import CausalLM, DecodeParams, DecodeStats, EFTDecoder, EFTModels, check_vocabularies
-from serve.openai_api import OpenAIChat, SamplingParams, ServerSettings, build_openai_app, complete
+from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings, build_openai_app
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class RemoteLM:
 
 @serve.deployment(name="EFTServer")
 @serve.ingress()
-class EFTServer:
+class EFTServer(OpenAIDeployment):
     """OpenAI-compatible EFT server (HTTP ingress + ``chat`` method for Serve handles)."""
 
     async def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], serve_cfg: Dict[str, Any],
@@ -272,17 +272,6 @@ class EFTServer:
         lms = {r: RemoteLM(h, await h.info.remote()) for r, h in handles.items()} if large_base is not None else None
         self.backend = EFTBackend(eft, model, lms)
         self.chat_api = OpenAIChat(self.backend, server_settings(eft, model, serve_cfg, self.backend))
-
-    def __serve_build_asgi_app__(self):
-        return build_openai_app(self.backend, self.chat_api.settings)
-
-    async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
-        """A chat completion request dict → response dict (or an OpenAI error body)."""
-        return await complete(self.chat_api, body)
-
-    def model_id(self) -> str:
-        """Same handle interface as ``serve.llm.LLMServer`` (rollouts may call either)."""
-        return self.backend.model_id
 
     def stats(self) -> Dict[str, float]:
         """Totals over served requests: tokens, rounds, drafted/accepted tokens, tokens/s."""

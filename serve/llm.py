@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 from ray import serve
 
-from serve.openai_api import OpenAIChat, SamplingParams, ServerSettings, build_openai_app, complete
+from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -359,19 +359,9 @@ def server_settings(s: Dict[str, Any], model: Dict[str, Any], backend: Any) -> S
 
 @serve.deployment(name="LLMServer")
 @serve.ingress()
-class LLMServer:
+class LLMServer(OpenAIDeployment):
     """OpenAI-compatible model server (HTTP ingress + ``chat`` method for Serve handles)."""
 
     def __init__(self, serve_cfg: Dict[str, Any], model_cfg: Dict[str, Any]):
         self.backend = make_backend(serve_cfg, model_cfg)
         self.chat_api = OpenAIChat(self.backend, server_settings(serve_cfg, model_cfg, self.backend))
-
-    def __serve_build_asgi_app__(self):
-        return build_openai_app(self.backend, self.chat_api.settings)
-
-    async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
-        """A chat completion request dict → response dict (or an OpenAI error body)."""
-        return await complete(self.chat_api, body)
-
-    def model_id(self) -> str:
-        return self.backend.model_id

@@ -438,6 +438,28 @@ def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None
     return app
 
 
+class OpenAIDeployment:
+    """Methods every OpenAI-compatible Serve deployment shares (model server, EFT server).
+
+    A subclass sets ``self.backend`` and ``self.chat_api`` in ``__init__`` and is decorated with
+    ``@serve.ingress()``: Serve then builds the HTTP app from ``__serve_build_asgi_app__``, and
+    handles (rollouts) call ``chat`` / ``model_id``.
+    """
+
+    backend: Backend
+    chat_api: OpenAIChat
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(self.backend, self.chat_api.settings)
+
+    async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """A chat completion request dict → response dict (or an OpenAI error body)."""
+        return await complete(self.chat_api, body)
+
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
