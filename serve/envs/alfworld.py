@@ -32,7 +32,7 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
-from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, register
+from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, read_json, register
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,7 @@ class AlfWorldEnv(PooledBackendMixin, Env):
 
     @staticmethod
     def _load_prompts(path: str) -> Dict[str, List[str]]:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                prompts = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EnvError(f"alfworld: cannot read prompts file {path}: {exc}") from None
+        prompts = read_json(path, "alfworld", "prompts file")
         missing = sorted(set(PROMPT_KEYS.values()) - set(prompts))
         if missing:
             raise EnvError(f"alfworld: prompts file {path} lacks demonstrations {missing}")
@@ -198,11 +194,7 @@ class AlfWorldEnv(PooledBackendMixin, Env):
         return tasks
 
     def _games_from_split_file(self, path: str) -> List[tuple]:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                spec = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EnvError(f"alfworld: cannot read task file {path}: {exc}") from None
+        spec = read_json(path, "alfworld", "task file")
         if isinstance(spec, list):
             spec = {self.default_split or "dev": spec}
         if not isinstance(spec, dict):

@@ -39,6 +39,7 @@ assistant actions and user observations), which is what a trajectory is.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -138,6 +139,15 @@ def data_file(relpath: str) -> str:
             return os.path.abspath(os.path.join(root, relpath))
     raise EnvError(f"no task file given and {relpath} not found under $AGENTTUNING_DATA_DIR "
                    f"or ../shared/data; pass path=...")
+
+
+def read_json(path: str, env: str, what: str) -> Any:
+    """A JSON file an environment is configured with; EnvError naming the env, file and problem."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EnvError(f"{env}: cannot read {what} {path}: {exc}") from None
 
 
 def truncate(text: str, limit: Optional[int]) -> str:

@@ -37,7 +37,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
-from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, register
+from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, read_json, register
 from serve.envs.miniwob_expert import SOLVERS, expert_action_for
 
 log = logging.getLogger(__name__)
@@ -201,11 +201,10 @@ class MiniWoBEnv(PooledBackendMixin, Env):
 
     def load_tasks(self, path: Optional[str]) -> List[Task]:
         if path:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    ids = [str(i) for i in json.load(fh)]
-            except (OSError, json.JSONDecodeError, TypeError) as exc:
-                raise EnvError(f"miniwob: cannot read task list {path}: {exc}") from None
+            ids = read_json(path, "miniwob", "task list")
+            if not isinstance(ids, list):
+                raise EnvError(f"miniwob: {path} must hold a JSON list of '<task>/<seed>' ids")
+            ids = [str(i) for i in ids]
         else:
             seeds = range(self.first_seed, self.first_seed + self.episodes_per_task)
             ids = [f"{name}/{seed}" for name in self.task_names for seed in seeds]

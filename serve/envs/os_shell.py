@@ -16,13 +16,12 @@ answers ``evaluation.match`` (match tasks).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from typing import Any, Dict, List, Optional
 
-from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, register
+from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, read_json, register
 from serve.envs.sandbox import Sandbox, SandboxLimits
 
 log = logging.getLogger(__name__)
@@ -159,11 +158,7 @@ class OSEnv(Env):
 
     def load_tasks(self, path: Optional[str]) -> List[Task]:
         path = path or data_file("agentbench/os_dev.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EnvError(f"os: cannot read task file {path}: {exc}") from None
+        records = read_json(path, "os", "task file")
         if not isinstance(records, list):
             raise EnvError(f"os: {path} must hold a JSON list of tasks")
         tasks = []

@@ -20,14 +20,13 @@ and replaced when dead or stuck (a step over ``step_timeout_s`` ends the episode
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
-from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, register
+from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, read_json, register
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +157,7 @@ class ScienceWorldTaskEnv(PooledBackendMixin, Env):
 
     def load_tasks(self, path: Optional[str]) -> List[Task]:
         if path:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    ids = json.load(fh)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise EnvError(f"scienceworld: cannot read task list {path}: {exc}") from None
+            ids = read_json(path, "scienceworld", "task list")
             if not isinstance(ids, list):
                 raise EnvError(f"scienceworld: {path} must hold a JSON list of '<task>/<variation>' ids")
         else:
