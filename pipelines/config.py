@@ -47,6 +47,15 @@ class TinyModelConfig:
 
 
 @dataclass
+class GGUFModelConfig:
+    """A GGUF file converted once into a plain HF folder at model.name_or_path (no hub needed)."""
+
+    package: Optional[str] = None  # Python package that ships the file (found with importlib), or
+    path: Optional[str] = None  # a directory holding it
+    file: Optional[str] = None  # the .gguf file name
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "outputs/models/tiny-llama"  # hub id or local HF folder
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -56,6 +65,7 @@ class ModelConfig:
     system_prompt: str = AGENTLM_SYSTEM_PROMPT
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gguf: GGUFModelConfig = field(default_factory=GGUFModelConfig)
 
 
 # ----------------------------------------------------------------------------- data
@@ -407,6 +417,11 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express (ranges, enums, cross-field rules)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     _one_of(m.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
+    if m.gguf.package or m.gguf.path or m.gguf.file:
+        _check(bool(m.gguf.file), "model.gguf.file", "name the .gguf file")
+        _check(bool(m.gguf.package) != bool(m.gguf.path), "model.gguf",
+               "set exactly one of 'package' (a Python package that ships the file) or 'path' (a directory)")
+        _check(not m.tiny.enabled, "model.tiny.enabled", "a model comes from model.gguf or model.tiny, not both")
     _check(0.0 <= d.eta <= 1.0, "data.eta", f"must be within [0, 1], got {d.eta}")
     _check(d.max_seq_len >= 16, "data.max_seq_len", f"must be >= 16, got {d.max_seq_len}")
     _one_of(d.overlong, "data.overlong", ("truncate", "reject"))

