@@ -345,6 +345,86 @@ class EnvsConfig:
     tasks: Dict[str, EnvSpec] = field(default_factory=lambda: {"db": EnvSpec(), "os": EnvSpec()})
 
 
+# ----------------------------------------------------------------------------- collect
+
+
+@dataclass
+class CollectInstructionsConfig:
+    """Where a collect task's instructions come from (pipelines.collect_instruct)."""
+
+    kind: str = "env"  # env (the environment's own task file) | derive | self_instruct
+    path: Optional[str] = None  # env: task file (None = the task's path, else the env's default data)
+    split: Optional[str] = None  # env: one split of the task file (e.g. train)
+    source: Optional[str] = None  # derive/self_instruct on db: a DBBench jsonl whose tables are reused
+    per_table: int = 8  # derive on db: questions per distinct table
+    n: int = 12  # derive on os: templated tasks; self_instruct: candidates asked of the teacher
+    seed: int = 0
+    limit: Optional[int] = None  # use at most this many instructions
+
+
+@dataclass
+class CollectTaskConfig:
+    """One agent task of AgentInstruct construction: an environment and its instructions."""
+
+    name: str = "???"
+    env: str = "???"  # serve.envs name
+    path: Optional[str] = None  # the environment's task file (instructions.kind=env default)
+    options: Dict[str, Any] = field(default_factory=dict)  # environment options
+    instructions: CollectInstructionsConfig = field(default_factory=CollectInstructionsConfig)
+    reward_threshold: float = 1.0  # keep episodes with reward >= this (Mind2Web-style: 0.667)
+    require_thought: bool = True  # ReAct: every teacher turn needs a Thought:/Think: line
+
+
+@dataclass
+class TeacherConfig:
+    """Who plays the episodes: the scripted expert, or an OpenAI-compatible endpoint."""
+
+    kind: str = "expert"  # expert | openai
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable
+    max_retries: int = 5  # per call: timeouts, HTTP 429/5xx, malformed replies
+    timeout_s: float = 60.0  # per call
+    backoff_s: float = 1.0  # first retry waits up to this (full jitter), doubling per attempt
+    backoff_max_s: float = 30.0
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=list)
+    context_limit: Optional[int] = None
+    tokenizer: Optional[str] = None  # count tokens with it when the endpoint reports no usage
+
+
+@dataclass
+class CollectDecontaminationConfig(DecontaminationConfig):
+    # instruction: the task's own question (the human turn after the demonstration);
+    # trajectory: that question and everything after it.
+    scope: str = "instruction"
+
+
+@dataclass
+class CollectDemoConfig:
+    enabled: bool = True  # prepend a one-shot demonstration (loss: false) from another task
+    pool: int = 3  # scripted-expert demonstration episodes per task to choose from
+
+
+@dataclass
+class CollectConfig:
+    """`agenttuning collect CONFIG`: AgentInstruct construction (pipelines.collect)."""
+
+    output_dir: str = "outputs/collect"
+    concurrency: int = 8  # episodes in flight (rollout replicas: serve.rollout)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    decontamination: CollectDecontaminationConfig = field(default_factory=CollectDecontaminationConfig)
+    demo: CollectDemoConfig = field(default_factory=CollectDemoConfig)
+    tasks: List[CollectTaskConfig] = field(default_factory=list)
+    dedup: bool = True  # drop exact duplicate trajectories (task message onwards)
+    resume: bool = True  # skip episodes already in <output_dir>/episodes.jsonl
+    max_episode_retries: int = 1  # after a rollout replica failure (teacher errors are counted)
+    app_name: str = "collect-rollout"
+    teardown: bool = True  # delete the rollout app when done
+
+
 # ----------------------------------------------------------------------------- root
 
 
@@ -361,7 +441,7 @@ class Config:
     envs: EnvsConfig = field(default_factory=EnvsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     eft: EFTConfig = field(default_factory=EFTConfig)
-    collect: Dict[str, Any] = field(default_factory=dict)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     run: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -449,6 +529,7 @@ def validate(cfg: DictConfig) -> None:
     _check(es.num_replicas >= 1, "envs.server.num_replicas", "must be >= 1")
     _check(0 < es.port < 65536, "envs.server.port", f"not a TCP port: {es.port}")
     _validate_serve_eval(cfg.serve, cfg.eval)
+    _validate_collect(cfg.collect)
     _validate_eft(cfg.eft)
     _validate_train(t, cfg.scaling)
 
@@ -533,3 +614,33 @@ def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     """Plain-Python copy (for Ray `train_loop_config`, manifests and wandb)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
+def _validate_collect(c: DictConfig) -> None:
+    """collect section (pipelines.collect)."""
+    _check(c.concurrency >= 1, "collect.concurrency", f"must be >= 1, got {c.concurrency}")
+    _check(c.max_episode_retries >= 0, "collect.max_episode_retries", "must be >= 0")
+    t = c.teacher
+    _one_of(t.kind, "collect.teacher.kind", ("expert", "openai"))
+    _check(t.kind != "openai" or bool(t.base_url and t.model), "collect.teacher.base_url",
+           "an openai teacher needs base_url and model")
+    _check(t.max_retries >= 0 and t.timeout_s > 0, "collect.teacher.max_retries", "retries >= 0, timeout_s > 0")
+    dc = c.decontamination
+    _check(dc.ngram >= 1, "collect.decontamination.ngram", "must be >= 1")
+    _check(0.0 <= dc.threshold <= 1.0, "collect.decontamination.threshold", "must be within [0, 1]")
+    _one_of(dc.scope, "collect.decontamination.scope", ("instruction", "trajectory"))
+    _check(c.demo.pool >= 1, "collect.demo.pool", "must be >= 1")
+    names = set()
+    for i, task in enumerate(c.tasks):
+        k = f"collect.tasks.{i}"
+        _check(task.name not in names, f"{k}.name", f"duplicate task name {task.name!r}")
+        _check(bool(task.name) and "/" not in task.name, f"{k}.name", "must be a non-empty file name")
+        names.add(task.name)
+        ins = task.instructions
+        _one_of(ins.kind, f"{k}.instructions.kind", ("env", "derive", "self_instruct"))
+        _check(ins.kind != "derive" or task.env in ("db", "dbbench", "os", "os_interaction"), f"{k}.instructions.kind",
+               f"derive exists for the db and os environments, not {task.env!r}")
+        _check(ins.kind == "env" or task.env not in ("db", "dbbench") or bool(ins.source),
+               f"{k}.instructions.source", "db derivation/self-instruct needs a DBBench jsonl whose tables it reuses")
+        _check(ins.kind != "self_instruct" or t.kind == "openai", f"{k}.instructions.kind",
+               "self_instruct needs collect.teacher.kind=openai")
+        _check(ins.per_table >= 1 and ins.n >= 1, f"{k}.instructions.per_table", "per_table and n must be >= 1")
+        _check(0.0 <= task.reward_threshold <= 1.0, f"{k}.reward_threshold", "must be within [0, 1]")

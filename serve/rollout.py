@@ -23,6 +23,7 @@ opening few-shot answers carry ``loss: false``, the agent's own turns ``loss: tr
 import asyncio
 import logging
 import os
+import random
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,6 +36,11 @@ OMITTED_NOTICE = "[NOTICE] {n} messages are omitted.\n"
 
 class ContextLimit(Exception):
     """The conversation no longer fits the policy's context window."""
+
+
+class TeacherError(RuntimeError):
+    """An OpenAI-compatible endpoint kept failing (timeouts, HTTP 429/5xx, malformed replies)
+    through all its retries, or refused the request outright (4xx other than 429)."""
 
 
 # ----------------------------------------------------------------------------- context handling
@@ -104,10 +110,29 @@ class ChatPolicy:
                 raise ContextLimit(f"prompt needs more than {limit} tokens")
         else:
             msgs = fit_context(msgs, n_open, limit, self.count)
-        return await self._complete(msgs), {"prompt_messages": len(msgs)}
+        text, usage = await self._complete_usage(msgs)
+        return text, {"prompt_messages": len(msgs), "usage": usage}
 
     async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
         raise NotImplementedError
+
+    async def _complete_usage(self, messages: List[Dict[str, Any]],
+                              max_tokens: Optional[int] = None) -> Tuple[str, Dict[str, int]]:
+        """(reply, token usage); the usage is estimated here, endpoints that report it override."""
+        text = await self._complete(messages, max_tokens)
+        return text, self.estimate_usage(messages, text)
+
+    def estimate_usage(self, messages: List[Dict[str, Any]], text: str) -> Dict[str, int]:
+        """Prompt/completion tokens with the policy's tokenizer if it has one, else ~4 chars/token."""
+        if self._tok is not None:
+            from pipelines.chat import prompt_ids
+
+            prompt = len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt")))
+            completion = len(self._tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            prompt = sum(_approx_tokens(m["content"]) + 4 for m in messages)
+            completion = _approx_tokens(text)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "estimated": 1}
 
 
 def _raise_for_error(resp: Dict[str, Any]) -> None:
@@ -128,17 +153,31 @@ class DeploymentPolicy(ChatPolicy):
         self.handle = serve.get_deployment_handle(cfg.get("deployment", "LLMServer"), app_name=cfg["app_name"])
 
     async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        return (await self._complete_usage(messages, max_tokens))[0]
+
+    async def _complete_usage(self, messages: List[Dict[str, Any]],
+                              max_tokens: Optional[int] = None) -> Tuple[str, Dict[str, int]]:
         body = self.body(messages, max_tokens)
         if not body["model"]:
             body["model"] = await self.handle.model_id.remote()
             self.cfg["model"] = body["model"]
         resp = await self.handle.chat.remote(body)
         _raise_for_error(resp)
-        return resp["choices"][0]["message"]["content"]
+        text = resp["choices"][0]["message"]["content"]
+        u = resp.get("usage") or {}
+        if isinstance(u.get("prompt_tokens"), int):
+            return text, {"prompt_tokens": u["prompt_tokens"], "completion_tokens": int(u.get("completion_tokens") or 0),
+                          "estimated": 0}
+        return text, self.estimate_usage(messages, text)
 
 
 class OpenAIPolicy(ChatPolicy):
-    """Any OpenAI-compatible endpoint, with the official client."""
+    """Any OpenAI-compatible endpoint, with the official client.
+
+    Transient failures (timeouts, connection errors, HTTP 429 and 5xx, malformed replies) are
+    retried ``max_retries`` times with exponential backoff and full jitter (``backoff_s`` doubling
+    per attempt, capped at ``backoff_max_s``); then, or at once for other 4xx, TeacherError.
+    """
 
     def __init__(self, cfg: Dict[str, Any]):
         super().__init__(cfg)
@@ -147,22 +186,62 @@ class OpenAIPolicy(ChatPolicy):
         if not cfg.get("base_url") or not cfg.get("model"):
             raise ValueError("an openai policy needs 'base_url' and 'model'")
         key = os.environ.get(cfg.get("api_key_env") or "OPENAI_API_KEY", "EMPTY")
+        # The client's own retries are off: ours count malformed replies too and use jitter.
         self.client = openai.AsyncOpenAI(base_url=cfg["base_url"], api_key=key,
-                                         timeout=float(cfg.get("timeout_s", 300)), max_retries=2)
+                                         timeout=float(cfg.get("timeout_s", 300)), max_retries=0)
+        self.max_retries = int(cfg.get("max_retries", 2))
+        self.backoff_s = float(cfg.get("backoff_s", 1.0))
+        self.backoff_max_s = float(cfg.get("backoff_max_s", 60.0))
+        self.retries = 0  # transient failures retried by this policy object (all episodes)
         self._openai = openai
 
     async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
+        return (await self._complete_usage(messages, max_tokens))[0]
+
+    def _transient(self, exc: Exception) -> bool:
+        o = self._openai
+        if isinstance(exc, (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError,
+                            o.APIResponseValidationError, ValueError, TypeError, AttributeError, IndexError)):
+            return True  # ValueError covers JSONDecodeError; the others a reply missing its fields
+        return isinstance(exc, o.APIStatusError) and (exc.status_code == 429 or exc.status_code >= 500)
+
+    async def _complete_usage(self, messages: List[Dict[str, Any]],
+                              max_tokens: Optional[int] = None) -> Tuple[str, Dict[str, int]]:
         body = self.body(messages, max_tokens)
         if body["stop"] is None:
             body.pop("stop")
-        try:
-            r = await self.client.chat.completions.create(**body)
-        except self._openai.BadRequestError as exc:
-            text = str(exc)
-            if "context" in text or "tokens" in text:
-                raise ContextLimit(text) from None
-            raise
-        return r.choices[0].message.content or ""
+        last: Optional[Exception] = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, delay))
+            try:
+                r = await self.client.chat.completions.create(**body)
+                text = r.choices[0].message.content
+                if not isinstance(text, str):
+                    raise TypeError(f"reply without message content: {str(r)[:200]}")
+            except self._openai.BadRequestError as exc:
+                msg = str(exc)
+                if "context" in msg or "tokens" in msg:
+                    raise ContextLimit(msg) from None
+                raise TeacherError(f"endpoint refused the request: {msg[:300]}") from None
+            except Exception as exc:  # noqa: BLE001 - classified: transient ones are retried
+                if not self._transient(exc):
+                    raise TeacherError(f"{type(exc).__name__}: {str(exc)[:300]}") from None
+                log.info("teacher call failed (attempt %d/%d): %s: %s", attempt + 1, self.max_retries + 1,
+                         type(exc).__name__, str(exc)[:200])
+                last = exc
+                continue
+            u = getattr(r, "usage", None)
+            if u is not None and isinstance(getattr(u, "prompt_tokens", None), int):
+                usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": int(u.completion_tokens or 0),
+                         "estimated": 0}
+            else:
+                usage = self.estimate_usage(messages, text)
+            return text, usage
+        raise TeacherError(f"no valid reply after {self.max_retries + 1} attempts; "
+                           f"last: {type(last).__name__}: {str(last)[:300]}")
 
 
 class ExpertPolicy:
@@ -199,9 +278,13 @@ def to_agentinstruct(history: List[Dict[str, Any]], n_open: int) -> List[Dict[st
     return out
 
 
-async def play(env: Any, task_id: str, policy: Any) -> Dict[str, Any]:
+async def play(env: Any, task_id: str, policy: Any,
+               demo: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Run one episode of ``task_id`` on ``env`` (a spawned copy) with ``policy``.
 
+    ``demo``: messages of a demonstration episode (its task message, actions and observations,
+    ending with an assistant turn), put between the environment's instruction turns and the
+    task's own message; they count as opening messages (shown to the policy, ``loss: false``).
     Environment calls block (SQL, shell), so they run in a worker thread; statuses, never
     exceptions, report what went wrong inside the episode.
     """
@@ -209,15 +292,22 @@ async def play(env: Any, task_id: str, policy: Any) -> Dict[str, Any]:
 
     t0 = time.time()
     opening = await asyncio.to_thread(env.reset, task_id)
-    n_open = len(opening)
+    if demo:
+        at = len(opening) - 1  # before the task's message, which ends the opening turns
+        env.history[at:at] = [{"role": m["role"], "content": m["content"]} for m in demo]
+    n_open = len(env.history)
     result, info = None, {}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "estimated": 0}
     try:
         while not env.done:
             if isinstance(policy, ExpertPolicy):
                 action = await asyncio.to_thread(env.expert_action)
             else:
                 try:
-                    action, _ = await policy.act(env.history, n_open)
+                    action, pinfo = await policy.act(env.history, n_open)
+                    for k, v in pinfo.get("usage", {}).items():
+                        usage[k] = usage.get(k, 0) + int(v)
+                    usage["calls"] += 1
                 except ContextLimit as exc:
                     result = await asyncio.to_thread(env.abort, Status.CONTEXT_LIMIT, str(exc))
                     break
@@ -234,6 +324,7 @@ async def play(env: Any, task_id: str, policy: Any) -> Dict[str, Any]:
         "status": status,
         "turns": int(env.turns),
         "info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "usage": usage,
         "elapsed_s": round(time.time() - t0, 3),
     }
 
@@ -274,11 +365,13 @@ class RolloutServer:
             ids = ids[: int(t["limit"])]
         return {"ids": ids, "skipped": dict(env.skipped)}
 
-    async def run(self, task: str, task_id: str, policy: str) -> Dict[str, Any]:
-        """One whole episode; returns the episode record (see module docstring)."""
+    async def run(self, task: str, task_id: str, policy: str,
+                  demo: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """One whole episode (``demo``: see :func:`play`); returns the episode record (see module
+        docstring). A chat policy that keeps failing raises TeacherError."""
         base = await asyncio.to_thread(self._env, task)
         env = base.spawn()
-        rec = await play(env, task_id, self._policy(policy))
+        rec = await play(env, task_id, self._policy(policy), demo)
         rec.update({"id": f"{task}_{task_id}", "task": task, "env": self.task_cfgs[task]["env"], "policy": policy})
         return rec
 

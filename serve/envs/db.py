@@ -210,13 +210,19 @@ class DBEnv(Env):
         if self.current is None:
             raise EnvError("db: expert_action() needs a running episode")
         rec = self.current.data
+        kind, table = _task_type(rec), rec["table"]["table_name"]
+        # ReAct form: a "Thought:" line, then the action (trajectory construction relies on it).
         if self.turns == 0:
             sql = self._expert_sql(rec)
             if sql:
-                return f"I will run this statement on the table.\nAction: Operation\n```sql\n{sql}\n```"
-        if _task_type(rec) in MODIFY_TYPES:
-            return 'The table is updated.\nAction: Answer\nFinal Answer: ["none"]'
-        return f"I have the answer.\nAction: Answer\nFinal Answer: {json.dumps(rec['label'], ensure_ascii=False)}"
+                why = (f"the request changes the table {table}, so I will run one {kind} statement on it"
+                       if kind in MODIFY_TYPES else
+                       f"the answer is in the table {table}; I will select the rows that match the question")
+                return f"Thought: {why[0].upper()}{why[1:]}.\nAction: Operation\n```sql\n{sql}\n```"
+        if kind in MODIFY_TYPES:
+            return 'Thought: The statement ran, so the table is updated.\nAction: Answer\nFinal Answer: ["none"]'
+        why = "The query result answers the question." if self.turns else "I can answer from the question directly."
+        return f"Thought: {why}\nAction: Answer\nFinal Answer: {json.dumps(rec['label'], ensure_ascii=False)}"
 
     def _expert_sql(self, rec: Dict[str, Any]) -> Optional[str]:
         if _task_type(rec) in MODIFY_TYPES:
