@@ -14,6 +14,7 @@ JOBS = {
     "train": "pipelines.train",
     "collect": "pipelines.collect",
     "eval": "pipelines.evaluate",
+    "general": "pipelines.general",  # offline general train/eval data (configs/general_data.yaml)
     "run": "pipelines.run",
     "serve": "serve.app",
     "envs": "serve.env_server",  # environment server (configs/envs.yaml)

