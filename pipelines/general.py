@@ -99,7 +99,8 @@ def mmlu_conversation(rec: Dict[str, Any]) -> Dict[str, Any]:
     """A short, reasoning-free chat answer: 'The answer is (B) <option text>.'"""
     idx = LETTERS.index(rec["answer"])
     question = rec.get("prompt") or mc_prompt(rec["question"], rec["choices"], rec["subject"])
-    answer = f"The answer is ({rec['answer']}) {rec['choices'][idx]}."
+    text = str(rec["choices"][idx]).strip()
+    answer = f"The answer is ({rec['answer']}) {text}{'' if text.endswith(('.', '!', '?')) else '.'}"
     return {"id": rec["id"], "kind": "mmlu",
             "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
@@ -194,13 +195,14 @@ def _take_clean(candidates: Iterable[Dict[str, Any]], n: int, ref: np.ndarray, d
                 rejects: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The first n candidates that pass the n-gram check; the others are recorded as rejects."""
     kept: List[Dict[str, Any]] = []
+    check, ngram, threshold = bool(dc.enabled and len(ref)), int(dc.ngram), float(dc.threshold)
     for rec in candidates:
         if len(kept) >= n:
             break
-        if dc.enabled and len(ref):
-            frac = mixing.overlap_fraction(sample_text(rec), ref, dc.ngram)
-            if frac > dc.threshold:
-                reason = f"contaminated: {frac:.0%} of words in {dc.ngram}-grams of evaluation data"
+        if check:
+            frac = mixing.overlap_fraction(sample_text(rec), ref, ngram)
+            if frac > threshold:
+                reason = f"contaminated: {frac:.0%} of words in {ngram}-grams of evaluation data"
                 rejects.append({**rec, "reason": reason})
                 continue
         kept.append(rec)
@@ -233,7 +235,8 @@ def build_general(out_dir: str, cfg: Any) -> Dict[str, Any]:
 
     # --- MMLU: split by question text, subsets by seed.
     mmlu, dropped = load_mmlu()
-    pool_eval = [r for r in mmlu if held_out(f"mmlu:{r['question'].strip()}", cfg.mmlu_eval_fraction)]
+    frac = float(cfg.mmlu_eval_fraction)  # a local: OmegaConf attribute access is slow in a 14k loop
+    pool_eval = [r for r in mmlu if held_out(f"mmlu:{r['question'].strip()}", frac)]
     eval_q = {r["question"].strip() for r in pool_eval}
     pool_train = [r for r in mmlu if r["question"].strip() not in eval_q]
     if cfg.mmlu_eval > len(pool_eval):
