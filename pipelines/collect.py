@@ -85,6 +85,16 @@ def choose_demo(pool: List[Dict[str, Any]], task_id: str) -> Optional[Dict[str, 
 # ----------------------------------------------------------------------------- running
 
 
+def _drop_torn_tail(path: str) -> None:
+    """Cut a last line left half-written by a crash, so appended episodes start on a new line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _is_teacher_error(exc: Exception) -> bool:
     from serve.rollout import TeacherError
 
@@ -147,6 +157,7 @@ def collect_episodes(cfg: DictConfig, handle: Any, listings: Dict[str, Dict[str,
     path = os.path.join(out_dir, EPISODES)
     if not c.resume and os.path.exists(path):
         os.remove(path)
+    _drop_torn_tail(path)
     done = load_done(path)  # keyed (policy, task, task_id): demonstrations are the expert's
     writer = EpisodeWriter(path)
     errors: Dict[Tuple[str, str], str] = {}

@@ -59,7 +59,21 @@ def expand_paths(paths: List[str]) -> List[str]:
 def prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     """The task file and split the rollout deployment will load for ``task`` and generation
     counts: ``{"path", "split", "generated": {...}}``."""
+    from serve.envs import db_backends
+
+    had_server = "mariadb" in db_backends._shared
+    try:
+        return _prepare(task, teacher, out_dir, exclude)
+    finally:
+        if not had_server:  # a MariaDB server started here for gold answers is not needed any more
+            db_backends.shutdown_backends()
+
+
+def _prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     ins = task.instructions
+    for key in ("source", "path"):
+        if ins[key] and not os.path.isfile(ins[key]):
+            raise ValueError(f"collect task {task.name!r}: config key 'instructions.{key}': {ins[key]} does not exist")
     inst_dir = os.path.join(out_dir, "instructions")
     os.makedirs(inst_dir, exist_ok=True)
     opts = dict(task.options or {})
