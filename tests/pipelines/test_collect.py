@@ -262,8 +262,8 @@ class ScriptedTeacher(BaseHTTPRequestHandler):
             for q, b in cls.always.items():
                 if q in msgs[-1]["content"]:
                     behaviour = b
-        if behaviour == "429":
-            return self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}})
+        if behaviour in ("429", "500", "401"):
+            return self._send(int(behaviour), {"error": {"message": f"scripted {behaviour}", "type": "scripted"}})
         if behaviour == "slow":
             time.sleep(1.0)
         if behaviour == "malformed":
@@ -296,6 +296,50 @@ def scripted_teacher():
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
     server.server_close()
+
+
+def test_openai_policy_retry_classes(scripted_teacher):
+    """Transient failures are retried with backoff; a 4xx other than 429 is not; then TeacherError."""
+    import asyncio
+
+    from serve.rollout import OpenAIPolicy, TeacherError
+
+    S = ScriptedTeacher
+    S.answers, S.always, S.proposals = {}, {}, []
+    msgs = [{"role": "user", "content": "hello"}]
+
+    def run(plan, retries):
+        S.calls, S.plan = 0, plan
+        pol = OpenAIPolicy({"kind": "openai", "base_url": scripted_teacher, "model": "t", "max_retries": retries,
+                            "timeout_s": 0.5, "backoff_s": 0.01, "api_key_env": "AGENTTUNING_TEST_KEY"})
+        try:
+            return asyncio.run(pol._complete_usage(msgs)), S.calls, pol.retries
+        except TeacherError as exc:
+            return exc, S.calls, pol.retries
+
+    (text, usage), calls, retries = run(["500", "malformed", "slow", "429"], 4)
+    assert text.startswith("Thought:") and usage["prompt_tokens"] == 100 and (calls, retries) == (5, 4)
+    err, calls, _ = run(["429", "500", "429"], 2)
+    assert isinstance(err, TeacherError) and "3 attempts" in str(err) and calls == 3
+    err, calls, _ = run(["401", "401"], 5)
+    assert isinstance(err, TeacherError) and "401" in str(err) and calls == 1
+
+
+def test_db_self_instruct_candidates_are_executed(shared_data):
+    from pipelines.collect_instruct import _db_candidate
+    from pipelines.derive import read_tables
+
+    tb = read_tables(str(shared_data / DEV))[0][0]  # US ambassadors to Colombia
+    rec = _db_candidate({"description": "Who was appointed by Grover Cleveland?", "type": "SELECT",
+                         "sql": "SELECT Representative FROM `US Ambassadors and Envoy Extraordinary to Colombia` "
+                                "WHERE `Appointed by` = 'Grover Cleveland';"}, tb, "sqlite")
+    assert sorted(rec["label"]) == ["Dabney H. Maury", "Luther F. McKinney"]
+    for bad, why in [({"description": "x", "sql": "SELECT nope FROM nowhere"}, "gold SQL failed"),
+                     ({"description": "x", "sql": "DELETE FROM `US Ambassadors and Envoy Extraordinary to Colombia` "
+                                                  "WHERE Title = 'King'"}, "changes nothing"),
+                     ({"description": "x", "sql": "DROP TABLE t", "type": "DROP"}, "not SELECT")]:
+        with pytest.raises(ValueError, match=why):
+            _db_candidate(bad, tb, "sqlite")
 
 
 def test_teacher_errors_retried_and_counted(ray_local, shared_data, tmp_path, scripted_teacher):
