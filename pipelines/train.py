@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"  # DeepSpeed engine state (optimizer, scheduler) inside a checkpoint
 DS_TAG = "state"
+WORKERS_FILE = "workers.json"  # rank → node id / ip / hostname / pid of the latest (re)start
 
 
 def _is_local(path: str) -> bool:
@@ -364,6 +365,7 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
     gas = t["global_batch_size"] // (world * t["micro_batch_size"])
     local = t["output_dir"] if _is_local(t["output_dir"]) else None
     rdir = run_dir(t)
+    _record_placement(rank, world, start, os.path.join(rdir, WORKERS_FILE) if local else None)
     wb = _init_wandb(conf) if rank == 0 else None
     mcfg = engine.module.config
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -438,6 +440,30 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
             t_last, tok_acc, sup_acc = time.perf_counter(), 0.0, 0.0
     if wb is not None:
         wb.finish()
+
+
+def _record_placement(rank: int, world: int, start_step: int, path: Optional[str]) -> None:
+    """Every worker's node and process, gathered on rank 0 and written to the run's workers.json.
+
+    Rewritten at each (re)start, so it shows where the latest attempt ran (multi-node placement).
+    """
+    import socket
+
+    import ray
+    import torch.distributed as dist
+
+    ctx = ray.get_runtime_context()
+    mine = {"rank": rank, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "pid": os.getpid(),
+            "local_rank": ray.train.get_context().get_local_rank()}
+    gathered: List[Optional[Dict[str, Any]]] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        log.info("workers: %s", [(w["rank"], w["node_id"][:8], w["pid"]) for w in gathered])
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"start_step": start_step, "world_size": world, "workers": gathered}, f, indent=1)
 
 
 def _append(path: str, record: Dict[str, Any]) -> None:
