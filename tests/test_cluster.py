@@ -1,8 +1,11 @@
-"""Cluster configs validate without cloud access: Ray's autoscaler schema, KubeRay CRD fields."""
+"""Cluster configs validate without cloud access: Ray's autoscaler schema, KubeRay CRD fields,
+Kubernetes schemas of the pod templates (kubernetes-validate), and the job commands the docs cite."""
 
 import copy
 import pathlib
 import re
+import shlex
+import subprocess
 
 import jsonschema
 import pytest
@@ -23,6 +26,13 @@ def test_autoscaler_config_passes_ray_schema(name):
     assert cfg["head_node_type"] in types and types["head"]["resources"] == {"CPU": 0}
     assert any("gpu" in t for t in types) and all("max_workers" in v for k, v in types.items() if k != "head")
     assert any("scripts/install.sh" in c for c in cfg["setup_commands"])
+    # The shared filesystem every job's outputs live on: mounted on the host, passed into the container.
+    assert any("/mnt/shared" in c and "mount" in c for c in cfg["initialization_commands"])
+    assert any("-v /mnt/shared:/mnt/shared" in o for o in cfg["docker"]["run_options"])
+    for key in ("initialization_commands", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in cfg[key]:
+            r = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert r.returncode == 0, f"{name} {key}: {cmd!r}: {r.stderr}"
     bad = copy.deepcopy(raw)
     bad["max_wrokers"] = 3  # a typo must not pass
     with pytest.raises(jsonschema.ValidationError):
@@ -37,6 +47,19 @@ def _check_pod_template(t, where):
         assert "limits" in c.get("resources", {}), f"{where}: resources.limits missing"
 
 
+def _k8s_validate(resource: dict) -> None:
+    """Strict Kubernetes OpenAPI validation, offline (schemas ship inside kubernetes-validate)."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(resource, "1.30", strict=True)
+
+
+def _pod_templates(spec):
+    yield "headGroupSpec", spec["headGroupSpec"]["template"]
+    for g in spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]
+
+
 def _check_raycluster_spec(spec):
     """Fields the KubeRay v1 CRDs require (headGroupSpec.template; groupName/template per worker group)."""
     _check_pod_template(spec["headGroupSpec"]["template"], "headGroupSpec")
@@ -47,6 +70,9 @@ def _check_raycluster_spec(spec):
         _check_pod_template(g["template"], g["groupName"])
     assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
                for g in spec["workerGroupSpecs"])
+    # No offline schema for the RayCluster CRD itself; the pod templates inside it are core types.
+    for where, template in _pod_templates(spec):
+        _k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": where}, "template": template})
 
 
 def test_kuberay_manifests():
@@ -56,8 +82,78 @@ def test_kuberay_manifests():
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     _check_raycluster_spec(rc["spec"])
     assert job["spec"]["rayClusterSpec"] == rc["spec"], "rayjob.yaml's cluster spec drifted from raycluster.yaml"
-    for cfg in re.findall(r"configs/\S+\.yaml", job["spec"]["entrypoint"]):
-        assert (ROOT / cfg).is_file(), f"RayJob entrypoint names missing {cfg}"
+    assert _job_commands(job["spec"]["entrypoint"]), "RayJob entrypoint runs no job"
+    # Every pod mounts the shared claim that shared-pvc.yaml creates.
+    pvc = yaml.safe_load((CLUSTER / "kuberay" / "shared-pvc.yaml").read_text())
+    _k8s_validate(pvc)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    for where, template in _pod_templates(rc["spec"]):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v]
+        assert claims == [pvc["metadata"]["name"]], where
+    # The image the manifests name is cluster/Dockerfile's: it installs the project where the RayJob runs.
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert "bash scripts/install.sh" in docker
+    workdir = re.search(r"^WORKDIR (\S+)", docker, re.M).group(1)
+    assert f"cd {workdir} " in job["spec"]["entrypoint"]
+    images = {c["image"] for _, t in _pod_templates(rc["spec"]) for c in t["spec"]["containers"]}
+    assert images == {"agenttuning:latest"}
+
+
+def test_kubernetes_validation_catches_a_typo():
+    import kubernetes_validate
+
+    rc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    template = copy.deepcopy(rc["spec"]["headGroupSpec"]["template"])
+    template["spec"]["containers"][0]["resorces"] = template["spec"]["containers"][0].pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError, match="resorces"):
+        _k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template})
+
+
+JOB = re.compile(r"python -m (pipelines\.\w+|serve\.\w+)|agenttuning (\w+)")
+
+
+def _job_commands(text: str):
+    """(module, config, overrides) of each `python -m pipelines.X CONFIG k=v ...` line in text."""
+    from pipelines.cli import JOBS
+
+    text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
+    out = []
+    for line in text.splitlines():
+        for part in re.split(r"&&|;", line):
+            m = JOB.search(part)
+            if not m:
+                continue
+            module = m.group(1) or JOBS.get(m.group(2))
+            if module is None:  # e.g. "agenttuning run" named in prose
+                continue
+            args = shlex.split(part[m.end():].split("#")[0].strip().rstrip("`)"))
+            if args and args[0].endswith(".yaml"):
+                out.append((module, args[0], [a for a in args[1:] if "=" in a and not a.startswith("-")]))
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "aws.yaml", "gcp.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml",
+                                 "kuberay/rayjob.yaml"])
+def test_cited_job_commands_load(doc):
+    """Every job command in the cluster docs names a config that exists and loads with its overrides."""
+    from pipelines.config import load_config
+
+    cmds = _job_commands((CLUSTER / doc).read_text())
+    assert cmds, f"{doc} cites no job command"
+    for module, config, overrides in cmds:
+        assert (ROOT / config).is_file(), f"{doc}: {config} does not exist"
+        load_config(str(ROOT / config), overrides)
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{doc}: no module {module}"
+
+
+def test_readme_covers_the_agentlm_7b_path():
+    readme = (CLUSTER / "README.md").read_text()
+    configs = {c for _, c, _ in _job_commands(readme)}
+    assert {"configs/data_agentlm.yaml", "configs/train_llama2_7b.yaml", "configs/eval_agentbench_dev.yaml",
+            "configs/eval_general.yaml"} <= configs
+    for path in re.findall(r"cluster/[\w/.-]+\.(?:yaml|md)|cluster/Dockerfile", readme):
+        assert (ROOT / path).is_file(), path
 
 
 def test_runtime_env_is_valid():
