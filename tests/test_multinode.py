@@ -122,7 +122,7 @@ class LocalCluster:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:  # `ray start --block` and the GCS can ignore SIGTERM for a long while
             try:
                 p.kill()
