@@ -307,6 +307,25 @@ class EvalConfig:
     plot: bool = True
 
 
+# ----------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunConfig:
+    """`agenttuning run CONFIG`: every stage end to end (pipelines.run)."""
+
+    output_dir: str = "outputs/run"
+    stages: List[str] = field(default_factory=lambda: ["model", "split", "collect", "general", "data", "train", "eval"])
+    # DBBench jsonl split by table into training seeds (derived tasks) and held-in test tasks;
+    # None = the AgentBench DB dev set ($AGENTTUNING_DATA_DIR or ../shared/data).
+    db_source: Optional[str] = None
+    db_test_fraction: float = 0.5
+    num_cpus: Optional[int] = None  # local Ray instance size when no cluster is given; None = all
+    resume: bool = True  # reuse finished collect / train outputs of an earlier run
+    # How both the untuned and the tuned model are queried in evaluation episodes.
+    eval_policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
 # ----------------------------------------------------------------------------- eft
 
 
@@ -467,7 +486,7 @@ class Config:
     eft: EFTConfig = field(default_factory=EFTConfig)
     general: GeneralDataConfig = field(default_factory=GeneralDataConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
-    run: Dict[str, Any] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def _fail(where: str, exc: OmegaConfBaseException) -> ConfigError:
@@ -522,6 +541,7 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express (ranges, enums, cross-field rules)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     _one_of(m.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
+    _check(0.0 < cfg.run.db_test_fraction < 1.0, "run.db_test_fraction", "must be within (0, 1)")
     if m.gguf.package or m.gguf.path or m.gguf.file:
         _check(bool(m.gguf.file), "model.gguf.file", "name the .gguf file")
         _check(bool(m.gguf.package) != bool(m.gguf.path), "model.gguf",
@@ -653,6 +673,7 @@ def _validate_general(g: DictConfig) -> None:
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:
     """Plain-Python copy (for Ray `train_loop_config`, manifests and wandb)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
 
 def _validate_collect(c: DictConfig) -> None:
     """collect section (pipelines.collect)."""

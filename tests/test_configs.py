@@ -26,17 +26,17 @@ def test_config_loads(path):
 )
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".0.", r"(\.0\.|\[0\]\.)")):
-        load_config(str(CONFIGS[0].parent / "quickstart.yaml"), [override])
+        load_config(str(CONFIGS[0].parent / "data_example.yaml"), [override])
 
 
 def test_cli_rejects_bad_config_before_work():
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "configs/quickstart.yaml", "data.etaa=1"],
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "configs/data_example.yaml", "data.etaa=1"],
                        capture_output=True, text=True, cwd=CONFIGS[0].parents[1], timeout=120)
     assert r.returncode == 2 and "data.etaa" in r.stderr
 
 
 def test_data_preview_cli_marks_supervised_spans(tiny_model_dir):
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "preview", "configs/quickstart.yaml",
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "preview", "configs/data_example.yaml",
                         f"model.name_or_path={tiny_model_dir}"],
                        capture_output=True, text=True, cwd=CONFIGS[0].parents[1], timeout=300)
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,228 @@
+"""`agenttuning run CONFIG`: AgentTuning end to end on one Ray cluster (the quickstart).
+
+Stages, each the same code as its own job, sharing one Ray instance:
+
+1. model    materialise ``model.name_or_path`` (GGUF → HF folder, or the tiny model)
+2. split    split the DB task file by table into training seeds and held-in test tasks
+3. collect  AgentInstruct construction: derived DB tasks, scripted-expert rollouts,
+            reward filter, decontamination against the test split (``pipelines.collect``)
+4. general  offline general data + evaluation subsets (MMLU, GSM8K-style, HumanEval)
+5. data     η-mixed, loss-masked, packed dataset (``pipelines.data``)
+6. train    Ray Train + DeepSpeed fine-tuning (``pipelines.train``)
+7. eval     untuned vs tuned, through Ray Serve (model servers + rollout deployment),
+            on held-in test tasks and general tasks (``pipelines.evaluate``)
+
+The YAML wires stages together with interpolations (``train.data_dir: ${data.output_dir}``), so
+every stage can also be run alone with the same file. Finished stages are skipped on a re-run
+(``run.resume``): a completed collect/data/train output is reused, evaluation resumes per episode.
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.config import ConfigError, validate
+from pipelines.mixing import stable_hash64
+
+log = logging.getLogger(__name__)
+
+STAGES = ("model", "split", "collect", "general", "data", "train", "eval")
+
+
+def derive(cfg: DictConfig, updates: Dict[str, Any]) -> DictConfig:
+    """A validated read-only copy of cfg with dotted-key updates (stages hand results on this way)."""
+    out = cfg.copy()  # keeps the typed schema, so updates are type-checked too
+    OmegaConf.set_readonly(out, False)
+    for key, value in updates.items():
+        OmegaConf.update(out, key, value, merge=True)
+    validate(out)
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def split_db(source: str, out_dir: str, test_fraction: float, seed: int) -> Dict[str, Any]:
+    """DBBench records → ``db_seed.jsonl`` (tables reused for derived training tasks) and
+    ``db_test.jsonl`` (held-in test tasks), split by table so no table is on both sides."""
+    with open(source, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    by_table: Dict[str, List[str]] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            name = json.loads(line)["table"]["table_name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"config key 'run.db_source': {source}:{n} is not a DBBench record "
+                              f"with table.table_name ({exc})") from None
+        by_table.setdefault(str(name), []).append(line)
+    tables = sorted(by_table, key=lambda t: stable_hash64(f"{seed}:{t}"))
+    n_test = max(1, round(len(tables) * test_fraction))
+    if n_test >= len(tables):
+        raise ConfigError(f"config key 'run.db_test_fraction': {test_fraction} leaves no table of {source} "
+                          f"({len(tables)} tables) for training tasks")
+    parts = {"test": tables[:n_test], "seed": tables[n_test:]}
+    out = {}
+    for part, names in parts.items():
+        path = os.path.join(out_dir, f"db_{part}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for t in sorted(names, key=lambda t: lines.index(by_table[t][0])):  # file order
+                f.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in by_table[t])
+        out[part] = {"path": path, "tables": len(names), "records": sum(len(by_table[t]) for t in names)}
+    log.info("DB tasks split by table: %d tables (%d records) for training seeds, %d (%d) held-in test",
+             out["seed"]["tables"], out["seed"]["records"], out["test"]["tables"], out["test"]["records"])
+    return out
+
+
+def _latest_hf_checkpoint(run_directory: str) -> str:
+    from pipelines.train import list_checkpoints
+
+    ckpts = list_checkpoints(run_directory)
+    if not ckpts:
+        raise RuntimeError(f"training wrote no checkpoint under {run_directory}")
+    return ckpts[-1][1]
+
+
+def results_table(report: Dict[str, Any], policies: List[str]) -> str:
+    """Markdown table: one row per task, untuned vs tuned side by side."""
+    cats = report["categories"]
+    head = "| task | category | metric | " + " | ".join(policies) + " |"
+    lines = [head, "|" + "---|" * (3 + len(policies))]
+    tasks = list(report["policies"][policies[0]]["tasks"])
+    for t in tasks:
+        per = [report["policies"][p]["tasks"].get(t, {}) for p in policies]
+        if "success_rate" in per[0]:
+            rows = [("success rate", lambda s: f"{s['success_rate']:.3f} ({round(s['success_rate'] * s['n'])}/{s['n']})"),
+                    ("invalid_format", lambda s: str(s["status_counts"].get("invalid_format", 0))),
+                    ("mean turns", lambda s: f"{s['mean_turns']:.2f}")]
+        else:
+            rows = [(per[0].get("metric", "score"), lambda s: f"{s.get('score', 0.0):.3f} (n={s.get('n', 0)})")]
+        for metric, fmt in rows:
+            cells = [fmt(s) if s and "not_applicable" not in s else "n/a" for s in per]
+            lines.append(f"| {t} | {cats.get(t, '')} | {metric} | " + " | ".join(cells) + " |")
+    for c in sorted({c for p in policies for c in report["policies"][p]["categories"]}):
+        cells = [f"{report['policies'][p]['categories'][c]['score']:.3f}" if c in report["policies"][p]["categories"]
+                 else "n/a" for p in policies]
+        lines.append(f"| **overall** | {c} | weighted score | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main(cfg: DictConfig) -> Dict[str, Any]:
+    """Run every stage; prints the results table and where everything went."""
+    import ray
+
+    r = cfg.run
+    unknown = sorted(set(r.stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"config key 'run.stages': unknown {unknown}; stages are {list(STAGES)}")
+    out_dir = os.path.abspath(r.output_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    timings: Dict[str, float] = {}
+    summary: Dict[str, Any] = {"output_dir": out_dir}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if name not in r.stages:
+            log.info("stage %s: skipped (not in run.stages)", name)
+            return None
+        i = STAGES.index(name) + 1
+        log.info("━━ stage %d/%d: %s ━━ (%.0fs elapsed)", i, len(STAGES), name, time.time() - t_start)
+        t0 = time.time()
+        res = fn()
+        timings[name] = round(time.time() - t0, 1)
+        log.info("stage %s done in %.1fs", name, timings[name])
+        return res
+
+    started = not ray.is_initialized()
+    if started:
+        # Without RAY_ADDRESS: a local instance sized to this machine (num_cpus from run.num_cpus).
+        ray.init(num_cpus=r.num_cpus, include_dashboard=False) if r.num_cpus else ray.init()
+    try:
+        from pipelines import collect, data, evaluate, general, train
+        from pipelines.tiny import ensure_model
+
+        base = stage("model", lambda: os.path.abspath(ensure_model(cfg)))
+        base = base or os.path.abspath(cfg.model.name_or_path)
+        source = r.db_source or _default_db_source()
+        summary["db_split"] = stage("split", lambda: split_db(source, out_dir, r.db_test_fraction, cfg.data.seed))
+
+        def run_collect():
+            stats = os.path.join(cfg.collect.output_dir, "stats.json")
+            if r.resume and os.path.isfile(stats):
+                log.info("collect: reusing %s (run.resume)", stats)
+                return {"stats": stats}
+            return collect.main(cfg)
+
+        summary["collect"] = stage("collect", run_collect)
+        summary["general"] = stage("general", lambda: general.build_general(cfg.general.output_dir, cfg.general))
+        summary["data"] = stage("data", lambda: data.main(cfg))
+
+        run_directory = os.path.join(os.path.abspath(cfg.train.output_dir), cfg.train.run_name)
+
+        def run_train():
+            from pipelines.train import list_checkpoints
+
+            done = [s for s, _ in list_checkpoints(run_directory)]
+            if r.resume and done and done[-1] >= cfg.train.max_steps:
+                log.info("train: %s already finished (step %d; run.resume)", run_directory, done[-1])
+            else:
+                train.main(cfg)
+            return _latest_hf_checkpoint(run_directory)
+
+        tuned = stage("train", run_train)
+        summary["checkpoint"] = tuned
+        model_pol = OmegaConf.to_container(r.eval_policy)
+        policies = {"untuned": {**model_pol, "kind": "model", "model_path": base},
+                    "tuned": {**model_pol, "kind": "model", "model_path": tuned or base}}
+        ecfg = derive(cfg, {"eval.policies": policies})
+        report = stage("eval", lambda: evaluate.main(ecfg))
+    finally:
+        if started:
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+    summary["timings_s"] = timings
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    if report:
+        table = results_table(report, ["untuned", "tuned"])
+        summary["table"] = table
+        with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(f"# AgentTuning quickstart results\n\nModel: {base}\n\n{table}\n")
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=str)
+    _print_summary(cfg, summary, out_dir)
+    return summary
+
+
+def _default_db_source() -> str:
+    from serve.envs.base import data_file
+
+    return data_file("agentbench/dbbench_dev.jsonl")
+
+
+def _print_summary(cfg: DictConfig, summary: Dict[str, Any], out_dir: str) -> None:
+    ev = os.path.abspath(cfg.eval.output_dir)
+    print("\n" + summary.get("table", "(no evaluation ran)"))
+    print(f"\nfinished in {summary['wall_s']:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items()) + ")")
+    print(f"results:     {out_dir}/results.md, {out_dir}/summary.json")
+    print(f"report:      {ev}/report.md, {ev}/report.json, plot {ev}/report.png")
+    print(f"trajectories: {os.path.abspath(cfg.collect.output_dir)} (collected), {ev}/trajectories.jsonl (evaluation)")
+    print(f"checkpoint:  {summary.get('checkpoint')}")
+    print(f"wandb:       offline runs under {os.path.abspath(cfg.train.output_dir)}/{cfg.train.run_name}/wandb and {ev}/wandb "
+          "(`wandb sync <dir>` uploads them)" if cfg.wandb.mode != "disabled" else "wandb:       disabled")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipelines.cli import run_job
+
+    sys.exit(run_job("pipelines.run", sys.argv[1:]))
