@@ -172,6 +172,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     nvme_path: Optional[str] = None  # required by offload_* = nvme
     prefetch_batches: int = 2
+    torch_threads: Optional[int] = None  # CPU intra-op threads per worker; None = Ray's (its CPU count)
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None = from the GPU name
     # End this invocation after this many total steps (checkpointed); the schedule still follows
     # max_steps, so a later run with resume_from=auto continues exactly (time-boxed/preemptible jobs).

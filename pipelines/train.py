@@ -354,6 +354,10 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t, use_gpu = conf["train"], conf["scaling"]["use_gpu"]
     torch.manual_seed(t["seed"])
+    if t["torch_threads"]:
+        # Ray caps a worker's intra-op threads at its logical CPUs (OMP_NUM_THREADS); a CPU run whose
+        # worker reserves fewer CPUs than it may use (to leave room for Ray Data) raises it here.
+        torch.set_num_threads(int(t["torch_threads"]))
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(conf["model"]["name_or_path"], conf["model"]["chat_template"],
                                conf["model"]["trust_remote_code"])

