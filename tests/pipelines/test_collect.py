@@ -112,6 +112,17 @@ def test_collect_config_errors_name_the_key():
 # ----------------------------------------------------------------------------- offline collection
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _serve_down():
+    """Serve keeps its first HTTP port for the session: later modules start their own instance."""
+    yield
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+
+
 @pytest.fixture(scope="module")
 def offline(ray_local, shared_data, tmp_path_factory):
     """DB (derived + the env's own tasks, two of them planted in the evaluation file) and OS."""

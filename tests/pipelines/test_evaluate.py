@@ -58,10 +58,13 @@ def _cfg(tmp_path, model_dir, data, **eval_over):
 
 
 @pytest.fixture(scope="module")
-def serve_down():
-    yield
+def serve_down(ray_local):
+    """A fresh Serve instance for this module (a running one keeps its HTTP port: the configs'
+    ports would not apply), shut down at the end."""
     from ray import serve
 
+    serve.shutdown()
+    yield
     serve.shutdown()
 
 

@@ -13,6 +13,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _serve_down():
+    """Serve keeps its first HTTP port for the session: later modules start their own instance."""
+    yield
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+
+
 def _records(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
