@@ -311,12 +311,15 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- run
 
 
+RUN_STAGES = ("model", "split", "collect", "general", "data", "train", "eval")  # pipelines.run, in order
+
+
 @dataclass
 class RunConfig:
     """`agenttuning run CONFIG`: every stage end to end (pipelines.run)."""
 
     output_dir: str = "outputs/run"
-    stages: List[str] = field(default_factory=lambda: ["model", "split", "collect", "general", "data", "train", "eval"])
+    stages: List[str] = field(default_factory=lambda: list(RUN_STAGES))
     # DBBench jsonl split by table into training seeds (derived tasks) and held-in test tasks;
     # None = the AgentBench DB dev set ($AGENTTUNING_DATA_DIR or ../shared/data).
     db_source: Optional[str] = None
@@ -543,6 +546,8 @@ def validate(cfg: DictConfig) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     _one_of(m.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
     _check(0.0 < cfg.run.db_test_fraction < 1.0, "run.db_test_fraction", "must be within (0, 1)")
+    unknown = sorted(set(cfg.run.stages) - set(RUN_STAGES))
+    _check(not unknown, "run.stages", f"unknown {unknown}; stages are {list(RUN_STAGES)}")
     if m.gguf.package or m.gguf.path or m.gguf.file:
         _check(bool(m.gguf.file), "model.gguf.file", "name the .gguf file")
         _check(bool(m.gguf.package) != bool(m.gguf.path), "model.gguf",

@@ -126,6 +126,7 @@ def convert_gguf(src: str, out_dir: str) -> str:
     log.info("converting %s to a Hugging Face folder at %s (once)", src, out_dir)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Not loaded.config: that one carries a GGUF quantization_config the plain folder must not claim.
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
