@@ -44,11 +44,11 @@ def run_job(module_name: str, argv: List[str]) -> int:
         print(f"usage: python -m {module_name} CONFIG [dotted.key=value ...]")
         return 0 if argv else 2
     try:
-        cfg = load_config(argv[0], argv[1:])
+        # Jobs raise ConfigError too, for what only they can check before work (paths, data sizes).
+        module.main(load_config(argv[0], argv[1:]))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    module.main(cfg)
     return 0
 
 

@@ -118,6 +118,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     import ray
 
     r = cfg.run
+    source = r.db_source or _default_db_source()  # before any work: a missing file fails fast
     out_dir = os.path.abspath(r.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
@@ -146,7 +147,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
         base = stage("model", lambda: os.path.abspath(ensure_model(cfg)))
         base = base or os.path.abspath(cfg.model.name_or_path)
-        source = r.db_source or _default_db_source()
         summary["db_split"] = stage("split", lambda: split_db(source, out_dir, r.db_test_fraction, cfg.data.seed))
 
         def run_collect():
@@ -199,9 +199,13 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _default_db_source() -> str:
-    from serve.envs.base import data_file
+    from serve.envs.base import EnvError, data_file
 
-    return data_file("agentbench/dbbench_dev.jsonl")
+    try:
+        return data_file("agentbench/dbbench_dev.jsonl")
+    except EnvError as exc:
+        raise ConfigError(f"config key 'run.db_source': not set, and the default is missing ({exc}); "
+                          "point it at a DBBench jsonl (AgentBench's dbbench_dev.jsonl)") from None
 
 
 def _print_summary(cfg: DictConfig, summary: Dict[str, Any], out_dir: str) -> None:
