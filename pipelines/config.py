@@ -16,7 +16,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from agenttuning import paths
+
 log = logging.getLogger(__name__)
+
+# `${data:agentbench/dbbench_dev.jsonl}`: a file shipped in the repo's data/ folder (or under
+# $AGENTTUNING_DATA_DIR), whatever the current directory.
+if not OmegaConf.has_resolver("data"):
+    OmegaConf.register_new_resolver("data", paths.data_file)
 
 AGENTLM_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 

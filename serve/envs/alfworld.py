@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
-from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
+from serve.envs.pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, read_json, register
 
 log = logging.getLogger(__name__)

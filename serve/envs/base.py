@@ -41,12 +41,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+
+from agenttuning import paths
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +131,12 @@ class Task:
 
 
 def data_file(relpath: str) -> str:
-    """Default task file: ``$AGENTTUNING_DATA_DIR/<relpath>``, else ``../shared/data/<relpath>``
-    beside the checkout (the real AgentBench files); EnvError naming both when absent."""
-    roots = [os.environ.get("AGENTTUNING_DATA_DIR", ""),
-             os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")]
-    for root in roots:
-        if root and os.path.exists(os.path.join(root, relpath)):
-            return os.path.abspath(os.path.join(root, relpath))
-    raise EnvError(f"no task file given and {relpath} not found under $AGENTTUNING_DATA_DIR "
-                   f"or ../shared/data; pass path=...")
+    """Default task file shipped in the repo's ``data/`` (or under ``$AGENTTUNING_DATA_DIR``);
+    EnvError naming where it was looked for when absent."""
+    try:
+        return paths.data_file(relpath)
+    except paths.DataFileMissing as exc:
+        raise EnvError(str(exc)) from None
 
 
 def read_json(path: str, env: str, what: str) -> Any:

@@ -36,7 +36,7 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
+from serve.envs.pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, read_json, register
 from serve.envs.miniwob_expert import SOLVERS, expert_action_for
 

@@ -25,7 +25,7 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
-from serve.envs.alfworld_pool import BackendPool, PooledBackendMixin
+from serve.envs.pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, read_json, register
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pipelines.derive import derive_db, norm_question
 DEV = "agentbench/dbbench_dev.jsonl"
 
 
-def _records(shared_data, idx):
-    lines = (shared_data / DEV).read_text().splitlines()
+def _records(bench_data, idx):
+    lines = (bench_data / DEV).read_text().splitlines()
     return [json.loads(lines[i]) for i in idx]
 
 
@@ -41,8 +41,8 @@ def _play_all(path, backend):
 # ----------------------------------------------------------------------------- derivation
 
 
-def test_derive_db_executed_gold_answers(shared_data, tmp_path):
-    src = str(shared_data / DEV)
+def test_derive_db_executed_gold_answers(bench_data, tmp_path):
+    src = str(bench_data / DEV)
     out = tmp_path / "derived.jsonl"
     stats = derive_db(src, str(out), per_table=3, seed=0, backend="sqlite")
     recs = [json.loads(x) for x in out.read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_derive_db_executed_gold_answers(shared_data, tmp_path):
     kinds = {r["type"][0] for r in recs}
     assert {"SELECT", "counting", "aggregation", "INSERT", "UPDATE", "DELETE"} <= kinds
     # Nothing derived equals a source (evaluation) question; questions are distinct.
-    dev_q = {norm_question(r["description"]) for r in _records(shared_data, range(60))}
+    dev_q = {norm_question(r["description"]) for r in _records(bench_data, range(60))}
     assert not dev_q & {norm_question(r["description"]) for r in recs}
     assert len({r["description"] for r in recs}) == len(recs)
     # Labels are executed answers: recount COUNT(*) questions in Python from the table rows.
@@ -76,7 +76,7 @@ def test_derive_db_executed_gold_answers(shared_data, tmp_path):
     assert (tmp_path / "seed1.jsonl").read_bytes() != out.read_bytes()
 
 
-def test_derive_db_on_mariadb_replays_on_mariadb(shared_data, tmp_path):
+def test_derive_db_on_mariadb_replays_on_mariadb(bench_data, tmp_path):
     """Fidelity backend: gold hashes computed by the MariaDB server itself, replayed there."""
     from serve.envs import db_backends
 
@@ -84,7 +84,7 @@ def test_derive_db_on_mariadb_replays_on_mariadb(shared_data, tmp_path):
         db_backends.get_backend("mariadb")
     except db_backends.BackendError as exc:
         pytest.skip(f"no MariaDB: {exc}")
-    src = _write_jsonl(tmp_path / "seed.jsonl", _records(shared_data, [18, 25, 45]))
+    src = _write_jsonl(tmp_path / "seed.jsonl", _records(bench_data, [18, 25, 45]))
     out = tmp_path / "derived.jsonl"
     stats = derive_db(src, str(out), per_table=6, seed=3, backend="mariadb")
     assert stats["backend"] == "mariadb" and stats["written"] >= 15
@@ -124,12 +124,12 @@ def _serve_down():
 
 
 @pytest.fixture(scope="module")
-def offline(ray_local, shared_data, tmp_path_factory):
+def offline(ray_local, bench_data, tmp_path_factory):
     """DB (derived + the env's own tasks, two of them planted in the evaluation file) and OS."""
     d = tmp_path_factory.mktemp("collect")
-    seed = _write_jsonl(d / "seed.jsonl", _records(shared_data, [21, 40, 5]))
-    own = _write_jsonl(d / "own.jsonl", _records(shared_data, [0, 1, 3, 5, 5]))  # 5 twice: a duplicate
-    evalf = _write_jsonl(d / "eval.jsonl", _records(shared_data, [0, 1]))  # planted contamination
+    seed = _write_jsonl(d / "seed.jsonl", _records(bench_data, [21, 40, 5]))
+    own = _write_jsonl(d / "own.jsonl", _records(bench_data, [0, 1, 3, 5, 5]))  # 5 twice: a duplicate
+    evalf = _write_jsonl(d / "eval.jsonl", _records(bench_data, [0, 1]))  # planted contamination
     overrides = [
         f"collect.output_dir={d}/out", "collect.concurrency=4", f"collect.decontamination.paths=[{evalf}]",
         "collect.demo.pool=2", "serve.rollout.num_cpus=0", "serve.port=8431",
@@ -336,11 +336,11 @@ def test_openai_policy_retry_classes(scripted_teacher):
     assert isinstance(err, TeacherError) and "401" in str(err) and calls == 1
 
 
-def test_db_self_instruct_candidates_are_executed(shared_data):
+def test_db_self_instruct_candidates_are_executed(bench_data):
     from pipelines.collect_instruct import _db_candidate
     from pipelines.derive import read_tables
 
-    tb = read_tables(str(shared_data / DEV))[0][0]  # US ambassadors to Colombia
+    tb = read_tables(str(bench_data / DEV))[0][0]  # US ambassadors to Colombia
     rec = _db_candidate({"description": "Who was appointed by Grover Cleveland?", "type": "SELECT",
                          "sql": "SELECT Representative FROM `US Ambassadors and Envoy Extraordinary to Colombia` "
                                 "WHERE `Appointed by` = 'Grover Cleveland';"}, tb, "sqlite")
@@ -353,8 +353,8 @@ def test_db_self_instruct_candidates_are_executed(shared_data):
             _db_candidate(bad, tb, "sqlite")
 
 
-def test_teacher_errors_retried_and_counted(ray_local, shared_data, tmp_path, scripted_teacher):
-    recs = _records(shared_data, [0, 1, 2, 3, 5])
+def test_teacher_errors_retried_and_counted(ray_local, bench_data, tmp_path, scripted_teacher):
+    recs = _records(bench_data, [0, 1, 2, 3, 5])
     own = _write_jsonl(tmp_path / "own.jsonl", recs)
     S = ScriptedTeacher
     S.calls = 0
@@ -393,12 +393,12 @@ def test_teacher_errors_retried_and_counted(ray_local, shared_data, tmp_path, sc
     assert time.time() - t0 < 80
 
 
-def test_served_tiny_model_as_teacher(ray_local, shared_data, tmp_path, tiny_model_dir):
+def test_served_tiny_model_as_teacher(ray_local, bench_data, tmp_path, tiny_model_dir):
     """Our OpenAI-compatible model server (quality aside) through the same code path."""
     from serve.llm import HFBackend
     from serve.openai_api import build_openai_app, run_local_server
 
-    own = _write_jsonl(tmp_path / "own.jsonl", _records(shared_data, [0, 1]))
+    own = _write_jsonl(tmp_path / "own.jsonl", _records(bench_data, [0, 1]))
     backend = HFBackend(str(tiny_model_dir), model_id="tiny-teacher", torch_threads=1)
     try:
         with run_local_server(build_openai_app(backend)) as url:

@@ -68,7 +68,7 @@ def serve_down(ray_local):
     serve.shutdown()
 
 
-def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir, shared_data, tmp_path):
+def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir, bench_data, tmp_path):
     from pipelines.evaluate import main
 
     gsm = tmp_path / "gsm.jsonl"
@@ -79,7 +79,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     code.write_text("\n".join(json.dumps(p) for p in list(read_problems().values())[:2]))
     general = [{"name": "gsm", "kind": "math", "path": str(gsm), "max_tokens": 8},
                {"name": "humaneval", "kind": "code", "path": str(code), "max_tokens": 8}]
-    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False, general=general)
+    cfg = _cfg(tmp_path, tiny_model_dir, bench_data, teardown=False, general=general)
     report = main(cfg)
     expert, tiny = report["policies"]["expert"], report["policies"]["tiny"]
     assert expert["tasks"]["db"]["n"] == 6 and expert["tasks"]["db"]["score"] == 1.0
@@ -110,7 +110,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     assert r.usage.completion_tokens >= 1
     # Resuming a complete evaluation (against the apps still running) runs nothing.
-    again = main(_cfg(tmp_path, tiny_model_dir, shared_data, deploy=False))
+    again = main(_cfg(tmp_path, tiny_model_dir, bench_data, deploy=False))
     assert again["episodes_run"] == 0 and again["episodes_resumed"] == 18
     assert again["policies"]["tiny"]["tasks"]["db"] == tiny["tasks"]["db"]
     from ray import serve
@@ -128,12 +128,12 @@ def _kill_rollout_replica() -> int:
     return pid
 
 
-def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_model_dir, shared_data, tmp_path):
+def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_model_dir, bench_data, tmp_path):
     from pipelines.evaluate import main
 
     common = dict(policies={"expert": {"kind": "expert"}}, concurrency=2, max_retries=0, tasks=[
-        {"name": "db", "env": "db", "path": str(shared_data / "agentbench/dbbench_dev.jsonl"), "options": {"max_turns": 3}}])
-    cfg = _cfg(tmp_path, tiny_model_dir, shared_data, teardown=False, **common)
+        {"name": "db", "env": "db", "path": str(bench_data / "agentbench/dbbench_dev.jsonl"), "options": {"max_turns": 3}}])
+    cfg = _cfg(tmp_path, tiny_model_dir, bench_data, teardown=False, **common)
     traj = tmp_path / "eval" / "trajectories.jsonl"
     result = {}
     t = threading.Thread(target=lambda: result.update(main(cfg)))
@@ -149,7 +149,7 @@ def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_mo
     assert lost >= 1 and len(finished) + lost == 60  # every episode is either saved or reported failed
     assert result["policies"]["expert"]["tasks"]["db"]["missing"] == lost
     # Re-run on the same deployment (Serve has replaced the dead replica): only the rest runs.
-    again = main(_cfg(tmp_path, tiny_model_dir, shared_data, deploy=False, **common))
+    again = main(_cfg(tmp_path, tiny_model_dir, bench_data, deploy=False, **common))
     assert again["episodes_run"] == lost and again["episodes_resumed"] == len(finished)
     assert again["policies"]["expert"]["tasks"]["db"]["n"] == 60
     assert again["policies"]["expert"]["tasks"]["db"]["score"] == 1.0

@@ -29,8 +29,8 @@ def _records(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_split_db_is_by_table_disjoint_and_complete(shared_data, tmp_path):
-    src = shared_data / "agentbench" / "dbbench_dev.jsonl"
+def test_split_db_is_by_table_disjoint_and_complete(bench_data, tmp_path):
+    src = bench_data / "agentbench" / "dbbench_dev.jsonl"
     parts = run.split_db(str(src), str(tmp_path), 0.5, seed=0)
     seed, test = _records(parts["seed"]["path"]), _records(parts["test"]["path"])
     seed_tables = {r["table"]["table_name"] for r in seed}
@@ -66,11 +66,11 @@ def test_quickstart_config_wires_stages_together():
         run.main(load_config(QUICKSTART, ["run.stages=[model,trian]"]))
 
 
-def test_end_to_end_on_the_tiny_model(ray_local, shared_data, tiny_model_dir, tmp_path, capsys):
+def test_end_to_end_on_the_tiny_model(ray_local, bench_data, tiny_model_dir, tmp_path, capsys):
     """collect → general → data → train → eval: the tuned checkpoint is served beside the untuned one."""
     out = tmp_path / "run"
     cfg = load_config(QUICKSTART, [
-        f"run.output_dir={out}", f"run.db_source={shared_data / 'agentbench' / 'dbbench_dev.jsonl'}",
+        f"run.output_dir={out}", f"run.db_source={bench_data / 'agentbench' / 'dbbench_dev.jsonl'}",
         f"model.name_or_path={tiny_model_dir}", "model.gguf.package=null", "model.gguf.file=null",
         "model.chat_template=llama2",
         "collect.tasks.0.instructions.per_table=1", "collect.demo.enabled=true", "collect.demo.pool=2",

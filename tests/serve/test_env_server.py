@@ -34,26 +34,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deploy(shared_data):
+def _deploy(bench_data):
     from ray import serve
 
     from serve.env_server import EnvServer
 
-    envs = {"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl")}}
+    envs = {"db": {"path": str(bench_data / "agentbench/dbbench_dev.jsonl")}}
     if HAVE_BWRAP:
-        envs["os"] = {"path": str(shared_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
+        envs["os"] = {"path": str(bench_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
     # Two replicas: every session request must reach the replica holding it (SessionRouter).
     app = EnvServer.options(num_replicas=2, ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
     serve.run(app, name="envs_test", route_prefix="/")
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, shared_data):
+def server(ray_local, bench_data):
     from ray import serve
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _deploy(shared_data)
+    _deploy(bench_data)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -134,18 +134,18 @@ def test_session_cap_gives_429(server):
             requests.delete(f"{server}/sessions/{sid}", timeout=60)
 
 
-def test_session_lost_with_its_replica_gets_410(server, shared_data):
+def test_session_lost_with_its_replica_gets_410(server, bench_data):
     from ray import serve
 
     sid = requests.post(f"{server}/envs/db/sessions", json={"task_id": "2"}, timeout=60).json()["session_id"]
     serve.delete("envs_test")  # the replica holding the session goes away
-    _deploy(shared_data)
+    _deploy(bench_data)
     r = requests.post(f"{server}/sessions/{sid}/step", json={"action": "Action: Answer\nFinal Answer: []"}, timeout=60)
     assert r.status_code == 410 and "lost with the replica" in r.json()["error"]["reason"]
 
 
-def test_manager_idle_timeout_and_lost_replica(shared_data):
-    m = SessionManager({"db": {"path": str(shared_data / "agentbench/dbbench_dev.jsonl"),
+def test_manager_idle_timeout_and_lost_replica(bench_data):
+    m = SessionManager({"db": {"path": str(bench_data / "agentbench/dbbench_dev.jsonl"),
                                "options": {"backend": "sqlite"}}}, max_sessions=2, idle_timeout_s=0.2)
     a = m.create("db", "0")["session_id"]
     b = m.create("db", "1")["session_id"]

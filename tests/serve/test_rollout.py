@@ -53,10 +53,10 @@ def local_endpoint(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def db_env(shared_data):
+def db_env(bench_data):
     from serve.envs import load
 
-    env = load("db", str(shared_data / "agentbench/dbbench_dev.jsonl"), max_turns=3)
+    env = load("db", str(bench_data / "agentbench/dbbench_dev.jsonl"), max_turns=3)
     yield env
     env.shutdown()
 

@@ -15,8 +15,8 @@ from serve.envs.base import Status, run_episode  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def env(shared_data):
-    e = serve.envs.load("alfworld", str(shared_data / "alfworld" / "agentbench_dev.json"))
+def env(bench_data):
+    e = serve.envs.load("alfworld", str(bench_data / "alfworld" / "agentbench_dev.json"))
     yield e
     e.shutdown()
 
@@ -31,8 +31,8 @@ def test_loads_agentbench_dev_split(env):
     assert not env.skipped
 
 
-def test_task_file_forms_and_skips(shared_data, tmp_path):
-    root = shared_data / "alfworld"
+def test_task_file_forms_and_skips(bench_data, tmp_path):
+    root = bench_data / "alfworld"
     train = serve.envs.load("alfworld", str(root / "train_subset.json"))
     assert len(train.tasks()) == 360 and set(train.splits()) == {"train"}
     folder = serve.envs.load("alfworld", str(root / "json_2.1.1" / "valid_unseen"))
@@ -94,7 +94,7 @@ def test_random_policy_loses_and_repetition_ends(env):
     assert ep.status == Status.REPETITION and ep.turns == 3
 
 
-def test_concurrent_episodes_share_a_bounded_engine_pool(shared_data):
+def test_concurrent_episodes_share_a_bounded_engine_pool(bench_data):
     env = serve.envs.load("alfworld", max_engines=1)
     ids, rewards = env.tasks(), []
 
@@ -111,7 +111,7 @@ def test_concurrent_episodes_share_a_bounded_engine_pool(shared_data):
 
 
 @pytest.fixture(scope="module")
-def env_server(ray_local, shared_data):
+def env_server(ray_local, bench_data):
     """The env server (serve.env_server) on local Ray Serve, serving ALFWorld over HTTP."""
     server_mod = pytest.importorskip("serve.env_server")
     from ray import serve
@@ -121,7 +121,7 @@ def env_server(ray_local, shared_data):
         port = s.getsockname()[1]
     serve.shutdown()  # a Serve left by an earlier module would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    envs = {"alfworld": {"path": str(shared_data / "alfworld" / "agentbench_dev.json")}}
+    envs = {"alfworld": {"path": str(bench_data / "alfworld" / "agentbench_dev.json")}}
     app = server_mod.EnvServer.options(ray_actor_options={"num_cpus": 0}).bind(envs, 16, 600.0)
     serve.run(app, name="alfworld_env_server", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

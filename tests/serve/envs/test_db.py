@@ -23,8 +23,8 @@ def _stop_server():
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def env(request, shared_data):
-    e = envs.load("db", str(shared_data / "agentbench/dbbench_dev.jsonl"), backend=request.param,
+def env(request, bench_data):
+    e = envs.load("db", str(bench_data / "agentbench/dbbench_dev.jsonl"), backend=request.param,
                   statement_timeout=2.0)
     assert e.backend.name == request.param
     return e
@@ -141,8 +141,8 @@ def test_hostile_sql_is_refused_and_slow_sql_is_cut(env, tmp_path):
         assert r.observation == "[(37,)]"  # the episode goes on, on a fresh connection
 
 
-def test_skipped_records_have_reasons(tmp_path, shared_data):
-    good = json.loads(open(shared_data / "agentbench" / "dbbench_dev.jsonl").readline())
+def test_skipped_records_have_reasons(tmp_path, bench_data):
+    good = json.loads(open(bench_data / "agentbench" / "dbbench_dev.jsonl").readline())
     bad = dict(good)
     del bad["table"]
     p = tmp_path / "t.jsonl"
@@ -184,7 +184,7 @@ def test_mysql_style_queries_agree_across_backends(env):
         edb.close()
 
 
-def test_known_differences_are_real(shared_data):
+def test_known_differences_are_real(bench_data):
     outs = {}
     for b in ("sqlite", "mariadb"):
         if b == "mariadb" and not shutil.which("mariadbd", path="/usr/sbin:/usr/bin"):

@@ -10,8 +10,8 @@ from serve.envs.hotpotqa import exact_match, f1_score, normalize_answer
 
 
 @pytest.fixture(scope="module")
-def env(shared_data):
-    return serve.envs.load("hotpotqa", str(shared_data / "hotpotqa" / "hotpotqa_easy.jsonl"))
+def env(bench_data):
+    return serve.envs.load("hotpotqa", str(bench_data / "hotpotqa" / "hotpotqa_easy.jsonl"))
 
 
 def test_normalisation_and_f1_hand_cases():
@@ -76,8 +76,8 @@ def test_invalid_actions(env, tmp_path):
     assert res.done and res.status == Status.INVALID_FORMAT and res.reward == 0.0
 
 
-def test_bad_records_are_skipped_with_reason(tmp_path, shared_data):
-    good = (shared_data / "hotpotqa" / "hotpotqa_easy.jsonl").read_text().splitlines()[0]
+def test_bad_records_are_skipped_with_reason(tmp_path, bench_data):
+    good = (bench_data / "hotpotqa" / "hotpotqa_easy.jsonl").read_text().splitlines()[0]
     f = tmp_path / "q.jsonl"
     f.write_text(good + "\n" + json.dumps({"id": "bad1", "question": "q?"}) + "\n")
     env = serve.envs.load("hotpotqa", str(f))

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap no
 
 
 @pytest.fixture(scope="module")
-def env(shared_data):
+def env(bench_data):
     try:  # a machine that cannot sandbox at all (no user namespaces) skips, saying why
         Sandbox().close()
     except SandboxUnavailable as exc:
         pytest.skip(f"sandboxes unavailable here: {exc}")
-    return envs.load("os", str(shared_data / "agentbench/os_dev.json"), command_timeout=2.0)
+    return envs.load("os", str(bench_data / "agentbench/os_dev.json"), command_timeout=2.0)
 
 
 def test_tasks_and_skips(env):

@@ -4,8 +4,7 @@ The rollout driver and the env server run each episode on ``env.spawn()``; a spa
 the pool of the environment it came from. An episode checks a backend out in ``start`` and
 returns it in ``end_episode``, so a replica holds at most ``max_size`` backends however many
 episodes it runs, reuses them across episodes, and replaces one that died or got stuck.
-(Lives in an ``alfworld_`` module only because of file ownership; ALFWorld, ScienceWorld and
-MiniWoB++ all use it.)
+Used by every environment with a heavy backend (ALFWorld, ScienceWorld, MiniWoB++, ...).
 """
 
 from __future__ import annotations
