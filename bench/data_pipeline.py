@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.config import TinyModelConfig, load_config  # noqa: E402
+from agenttuning.config import TinyModelConfig, load_config  # noqa: E402
 from pipelines.synthetic import agentinstruct_records, sharegpt_records, write_jsonl  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -29,7 +29,7 @@ def baseline(path: str, model: dict, max_seq_len: int) -> tuple:
     import pyarrow as pa
 
     from pipelines.data import tokenize_batch
-    from pipelines.sources import iter_file
+    from agenttuning.sources import iter_file
 
     with open(path, "rb") as f:
         rows = [{"source": "g", "group": "general", "sid": i, "origin": o, "raw": raw, "reject": rej}
@@ -58,7 +58,7 @@ def main() -> None:
     import ray
 
     from pipelines.data import main as data_main
-    from pipelines.tiny import build_tiny_model
+    from agenttuning.models import build_tiny_model
 
     work = os.path.join(RESULTS, "data_pipeline")
     os.makedirs(work, exist_ok=True)

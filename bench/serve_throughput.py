@@ -79,7 +79,7 @@ def bench_eval(model: str, db_limit: int, out_dir: str) -> Dict[str, float]:
     import ray
     from ray import serve
 
-    from pipelines.config import load_config
+    from agenttuning.config import load_config
     from pipelines.evaluate import main as evaluate
     from serve.openai_api import free_port
 
@@ -124,8 +124,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="serve_bench_")
     model = args.model
     if model is None:
-        from pipelines.config import TinyModelConfig
-        from pipelines.tiny import build_tiny_model
+        from agenttuning.config import TinyModelConfig
+        from agenttuning.models import build_tiny_model
 
         model = build_tiny_model(os.path.join(tmp, "tiny"), TinyModelConfig(enabled=True))
     try:

@@ -64,7 +64,7 @@ def ours(model_dir: str, data_dir: str, out: str, steps: int, batch: int, lr: fl
     import ray
 
     from pipelines import train
-    from pipelines.config import load_config
+    from agenttuning.config import load_config
 
     cfg = load_config(os.path.join(REPO, "configs", "train_tiny_cpu.yaml"), [
         f"model.name_or_path={model_dir}", "model.tiny.enabled=false", f"train.data_dir={data_dir}",
@@ -108,9 +108,9 @@ def main() -> None:
     args.rows = args.rows or args.steps * args.batch
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.chat import load_tokenizer, tokenizer_fingerprint
-    from pipelines.config import TinyModelConfig
-    from pipelines.tiny import build_tiny_model
+    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
+    from agenttuning.config import TinyModelConfig
+    from agenttuning.models import build_tiny_model
     from train_data import write_packed_data
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -1,62 +1,51 @@
-"""`agenttuning <job> CONFIG [dotted.key=value ...]` — the same as `python -m pipelines.<job>`."""
+"""`agenttuning <job> CONFIG [dotted.key=value ...]` — the same as `python -m <module of the job>`.
 
-import importlib
-import logging
-import os
+`agenttuning <job> --help` lists what the job does and every config key it reads, with defaults;
+`agenttuning <job> CONFIG [overrides] --print-config` prints the resolved config and exits.
+"""
+
 import sys
 from typing import List, Optional
 
-from pipelines.config import ConfigError, load_config
+from agenttuning.cli import run_job
 
 # job name → module; each module has `main(cfg)` and may have `cli(argv)` for sub-commands.
 JOBS = {
-    "data": "pipelines.data",
-    "train": "pipelines.train",
-    "collect": "pipelines.collect",
-    "eval": "pipelines.evaluate",
-    "general": "pipelines.general",  # offline general train/eval data (configs/general_data.yaml)
-    "run": "pipelines.run",
-    "serve": "serve.app",
-    "envs": "serve.env_server",  # environment server (configs/envs.yaml)
-    "eft": "serve.eft",
-    "build-model": "pipelines.tiny",
+    "run": "pipelines.run",  # every stage end to end (the quickstart)
+    "collect": "pipelines.collect",  # AgentInstruct construction
+    "general": "pipelines.general",  # offline general train/eval data
+    "data": "pipelines.data",  # the η-mixed, packed dataset (Ray Data)
+    "train": "pipelines.train",  # Ray Train + DeepSpeed fine-tuning
+    "eval": "pipelines.evaluate",  # evaluation suites through Ray Serve; report
+    "serve": "serve.app",  # OpenAI-compatible model server
+    "envs": "serve.env_server",  # environment server (HTTP API for outside agents)
+    "eft": "serve.eft",  # EFT / up-scaling server
+    "build-model": "agenttuning.models",  # model.name_or_path from model.gguf or model.tiny
 }
 
-USAGE = (
-    "usage: agenttuning <job> CONFIG [dotted.key=value ...]\n"
-    "       agenttuning data preview CONFIG [key=value ...]\n"
-    f"jobs: {', '.join(JOBS)}"
-)
 
+def usage() -> str:
+    import importlib.util
 
-def setup_logging() -> None:
-    level = os.environ.get("AGENTTUNING_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def run_job(module_name: str, argv: List[str]) -> int:
-    """Load CONFIG + overrides and call the module's main(cfg); config errors exit with code 2."""
-    setup_logging()
-    module = importlib.import_module(module_name)
-    if hasattr(module, "cli"):
-        return int(module.cli(argv) or 0)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m {module_name} CONFIG [dotted.key=value ...]")
-        return 0 if argv else 2
-    try:
-        # Jobs raise ConfigError too, for what only they can check before work (paths, data sizes).
-        module.main(load_config(argv[0], argv[1:]))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    lines = ["usage: agenttuning <job> CONFIG [dotted.key=value ...] [--print-config]",
+             "       agenttuning <job> --help      (what the job does, its config keys and defaults)",
+             "       agenttuning data preview CONFIG [key=value ...]", "", "jobs:"]
+    src = open(importlib.util.find_spec(__name__).origin, encoding="utf-8").read()  # the comments above
+    for job, module in JOBS.items():
+        note = next((ln.split("#", 1)[1].strip() for ln in src.splitlines()
+                     if ln.strip().startswith(f'"{job}":') and "#" in ln), "")
+        lines.append(f"  {job:<12} {note}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] not in JOBS:
+        print(f"error: unknown job {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(run_job(JOBS[argv[0]], argv[1:]))
 
 

@@ -18,7 +18,6 @@ Per task in ``collect.tasks``:
    appended and flushed at once: a re-run skips those and writes identical outputs.
 """
 
-import asyncio
 import json
 import logging
 import os
@@ -30,10 +29,11 @@ from omegaconf import DictConfig
 
 from pipelines import collect_instruct as ci
 from pipelines import mixing
-from pipelines.config import to_dict
-from pipelines.evaluate import EpisodeWriter, load_done
+from agenttuning.config import to_dict
+from pipelines.episodes import EpisodeStore, run_episodes
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'collect', 'serve')  # what `--help` lists
 
 EPISODES = "episodes.jsonl"
 # A thought line before the action: "Thought:" (ReAct), "Think:" (AgentBench OS's own syntax).
@@ -85,50 +85,6 @@ def choose_demo(pool: List[Dict[str, Any]], task_id: str) -> Optional[Dict[str, 
 # ----------------------------------------------------------------------------- running
 
 
-def _drop_torn_tail(path: str) -> None:
-    """Cut a last line left half-written by a crash, so appended episodes start on a new line."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def _is_teacher_error(exc: Exception) -> bool:
-    from serve.rollout import TeacherError
-
-    return isinstance(exc, TeacherError) or "TeacherError" in f"{type(exc).__name__}: {exc}"
-
-
-async def _run_jobs(handle: Any, jobs: List[Dict[str, Any]], writer: EpisodeWriter, concurrency: int,
-                    retries: int) -> Dict[Tuple[str, str], str]:
-    """Run episode jobs ({kind, task, task_id, policy, demo}); returns errors by (task, task_id)."""
-    sem = asyncio.Semaphore(concurrency)
-    errors: Dict[Tuple[str, str], str] = {}
-
-    async def one(job: Dict[str, Any]) -> None:
-        async with sem:
-            for attempt in range(retries + 1):
-                try:
-                    ep = await handle.run.remote(job["task"], job["task_id"], job["policy"], job.get("demo"))
-                except Exception as exc:  # noqa: BLE001 - classified: teacher error or replica failure
-                    if _is_teacher_error(exc):
-                        errors[(job["task"], job["task_id"])] = "teacher_error"
-                        return
-                    log.warning("episode %s/%s failed (attempt %d): %s", job["task"], job["task_id"],
-                                attempt + 1, str(exc)[:300])
-                    continue
-                ep["kind"] = job["kind"]
-                ep["demo_of"] = (job.get("demo_id") or None)
-                writer.write(ep)
-                return
-            errors[(job["task"], job["task_id"])] = "rollout_error"
-
-    await asyncio.gather(*(one(j) for j in jobs))
-    return errors
-
-
 def deploy(cfg: DictConfig, tasks: List[Dict[str, Any]], teacher: Dict[str, Any]) -> str:
     """The rollout application for the collect tasks (policies: teacher + scripted expert)."""
     from ray import serve
@@ -154,22 +110,17 @@ def collect_episodes(cfg: DictConfig, handle: Any, listings: Dict[str, Dict[str,
                      ) -> Tuple[Dict[Tuple[str, str, str], Dict[str, Any]], Dict[Tuple[str, str], str]]:
     """Demonstration episodes first (scripted expert), then every teacher episode; resumable."""
     c = cfg.collect
-    path = os.path.join(out_dir, EPISODES)
-    if not c.resume and os.path.exists(path):
-        os.remove(path)
-    _drop_torn_tail(path)
-    done = load_done(path)  # keyed (policy, task, task_id): demonstrations are the expert's
-    writer = EpisodeWriter(path)
-    errors: Dict[Tuple[str, str], str] = {}
-    try:
+    store = EpisodeStore(os.path.join(out_dir, EPISODES), resume=c.resume)
+    done = store.load()  # keyed (policy, task, task_id): demonstrations are the expert's
+    with store:
         pools: Dict[str, List[Dict[str, Any]]] = {}
         if c.demo.enabled:
             # Candidates: the first pool+1 instructions (one more, so every task has "another" task).
-            jobs = [{"kind": "demo", "task": t, "task_id": i, "policy": "expert"}
+            jobs = [{"task": t, "task_id": i, "policy": "expert", "record": {"kind": "demo", "demo_of": None}}
                     for t, lst in listings.items() for i in lst["ids"][: c.demo.pool + 1]
                     if ("expert", t, i) not in done]
-            asyncio.run(_run_jobs(handle, jobs, writer, c.concurrency, c.max_episode_retries))
-            done = load_done(path)
+            run_episodes(handle, jobs, store, c.concurrency, c.max_episode_retries, desc="demonstrations")
+            done = store.load()
             for t, lst in listings.items():
                 eps = [done.get(("expert", t, i)) for i in lst["ids"][: c.demo.pool + 1]]
                 # pool+1 kept so that every task, one of the pool's included, has `pool` choices
@@ -182,15 +133,14 @@ def collect_episodes(cfg: DictConfig, handle: Any, listings: Dict[str, Dict[str,
                 if ("teacher", t, i) in done:
                     continue
                 demo = choose_demo(pools.get(t, []), i)
-                jobs.append({"kind": "episode", "task": t, "task_id": i, "policy": "teacher",
+                jobs.append({"task": t, "task_id": i, "policy": "teacher",
                              "demo": demo_messages(demo) if demo else None,
-                             "demo_id": demo["task_id"] if demo else None})
+                             "record": {"kind": "episode", "demo_of": demo["task_id"] if demo else None}})
         log.info("collect: %d episodes to run (%d already done)", len(jobs),
                  sum(1 for k in done if k[0] == "teacher"))
-        errors = asyncio.run(_run_jobs(handle, jobs, writer, c.concurrency, c.max_episode_retries))
-    finally:
-        writer.close()
-    return load_done(path), errors
+        outcome = run_episodes(handle, jobs, store, c.concurrency, c.max_episode_retries, desc="teacher episodes")
+    errors = {(k[1], k[2]): o["error"] for k, o in outcome.items() if "error" in o}
+    return store.load(), errors
 
 
 # ----------------------------------------------------------------------------- filtering and outputs
@@ -200,7 +150,7 @@ def reference(c: DictConfig):
     dc = c.decontamination
     if not dc.enabled or not dc.paths:
         return None
-    from pipelines.sources import iter_text
+    from agenttuning.sources import iter_text
 
     return mixing.reference_ngrams(iter_text(ci.expand_paths(list(dc.paths))), dc.ngram)
 
@@ -263,8 +213,9 @@ def yield_table(counts: Dict[str, Dict[str, Any]]) -> str:
 
 def main(cfg: DictConfig) -> Dict[str, Any]:
     """Build AgentInstruct data for ``collect.tasks``; prints the yield table and where outputs went."""
-    import ray
     from ray import serve
+
+    from agenttuning.cluster import ray_session
 
     c = cfg.collect
     if not c.tasks:
@@ -278,20 +229,17 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     ref = reference(c)
     rollout_tasks = [{"name": t.name, "env": t.env, "path": preps[t.name]["path"], "split": preps[t.name]["split"],
                       "limit": t.instructions.limit, "options": to_dict(t.options)} for t in c.tasks]
-    started_ray = not ray.is_initialized()
     app = None
-    try:
-        app = deploy(cfg, rollout_tasks, teacher)
-        handle = serve.get_deployment_handle("RolloutServer", app_name=app)
-        listings = {t.name: handle.task_ids.remote(t.name).result() for t in c.tasks}
-        listings = {k: {"ids": [str(i) for i in v["ids"]], "skipped": v["skipped"]} for k, v in listings.items()}
-        episodes, errors = collect_episodes(cfg, handle, listings, out_dir)
-    finally:
-        if app is not None and c.teardown:
-            serve.delete(app)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
+    with ray_session():
+        try:
+            app = deploy(cfg, rollout_tasks, teacher)
+            handle = serve.get_deployment_handle("RolloutServer", app_name=app)
+            listings = {t.name: handle.task_ids.remote(t.name).result() for t in c.tasks}
+            listings = {k: {"ids": [str(i) for i in v["ids"]], "skipped": v["skipped"]} for k, v in listings.items()}
+            episodes, errors = collect_episodes(cfg, handle, listings, out_dir)
+        finally:
+            if app is not None and c.teardown:
+                serve.delete(app)
     outputs, counts = {}, {}
     for t in c.tasks:
         lst = listings[t.name]
@@ -323,6 +271,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.collect", sys.argv[1:]))

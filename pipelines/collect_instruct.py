@@ -37,7 +37,7 @@ Reply with ONLY a JSON object with the keys "description" (the question or reque
 
 def eval_questions(paths: List[str]) -> Set[str]:
     """Every string of the evaluation files, normalised: no derived question may equal one."""
-    from pipelines.sources import iter_text
+    from agenttuning.sources import iter_text
 
     return {derive.norm_question(t) for t in iter_text(expand_paths(paths))}
 

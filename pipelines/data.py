@@ -24,11 +24,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipelines import mixing
-from pipelines.chat import ChatError, IGNORE_INDEX, labels_from_offsets, load_tokenizer, normalize_messages, render
-from pipelines.config import ConfigError, SourceConfig, load_config, to_dict
-from pipelines.sources import SourceError, iter_local, iter_text, read_source, resolve, to_messages
+from agenttuning.chat import ChatError, IGNORE_INDEX, labels_from_offsets, load_tokenizer, normalize_messages, render
+from agenttuning.config import ConfigError, SourceConfig, load_config, to_dict
+from agenttuning.sources import SourceError, iter_local, iter_text, read_source, resolve, to_messages
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'data')  # what `--help` lists
 
 GROUP_ID = {"agent": 0, "general": 1}
 
@@ -257,7 +258,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     """Build the dataset described by cfg.data; returns the manifest (also written to output_dir)."""
     import ray
 
-    from pipelines.tiny import ensure_model
+    from agenttuning.cluster import ray_session
+    from agenttuning.models import ensure_model
 
     t0 = time.time()
     d = cfg.data
@@ -273,10 +275,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
         if f.startswith("part-") or f in ("manifest.json", "rejects.jsonl"):
             os.remove(os.path.join(out, f))
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init()
-    try:
+    with ray_session():
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # determinism: same input order every run
         ctx.target_max_block_size = 16 * 1024 * 1024  # smaller blocks → tokenization runs in parallel
@@ -313,9 +312,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
                 for r in dups.select_columns(["source", "origin", "sid"]).iter_rows():
                     f.write(json.dumps({"source": r["source"], "origin": r["origin"], "reason": "duplicate",
                                         "detail": "exact duplicate of an earlier record", "record": None}) + "\n")
-    finally:
-        if started:
-            ray.shutdown()
     if p["num_rows"] == 0:
         raise ConfigError(f"config key 'data.sources': no valid samples to write (see {out}/rejects.jsonl)")
     manifest = _manifest(cfg, sources, meta, p, rejected, tok, model_path, out)
@@ -327,7 +323,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _manifest(cfg, sources, meta, p, rejected, tok, model_path, out) -> Dict[str, Any]:
-    from pipelines.chat import tokenizer_fingerprint
+    from agenttuning.chat import tokenizer_fingerprint
 
     d = cfg.data
     sids, lens = p["items"]
@@ -376,8 +372,8 @@ def _summary(m: Dict[str, Any], out: str) -> None:
 
 def preview_main(cfg: DictConfig, n: int = 1) -> None:
     """Print n rendered samples per source with supervised token runs marked ⟦…⟧."""
-    from pipelines.chat import preview
-    from pipelines.tiny import ensure_model
+    from agenttuning.chat import preview
+    from agenttuning.models import ensure_model
 
     tok = load_tokenizer(ensure_model(cfg), cfg.model.chat_template, cfg.model.trust_remote_code)
     for s in _check_sources(cfg):
@@ -395,26 +391,11 @@ def preview_main(cfg: DictConfig, n: int = 1) -> None:
                 break
 
 
-def cli(argv: List[str]) -> int:
-    """`data CONFIG [k=v ...]` or `data preview CONFIG [k=v ...]`."""
-    is_preview = bool(argv) and argv[0] == "preview"
-    args = argv[1:] if is_preview else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
-    try:
-        cfg = load_config(args[0], args[1:])
-        if is_preview:
-            preview_main(cfg)
-        else:
-            main(cfg)
-    except (ConfigError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+# `agenttuning data preview CONFIG [k=v ...]`: a rendered sample per source, supervised tokens marked.
+SUBCOMMANDS = {"preview": preview_main}
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.data", sys.argv[1:]))

@@ -11,7 +11,6 @@ runs only the episodes that are not in that file yet. General tasks (``eval.gene
 ``report.md``, ``report.png`` (see ``pipelines.eval_report``), the same numbers to wandb.
 """
 
-import asyncio
 import json
 import logging
 import os
@@ -22,47 +21,13 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig
 
 from pipelines import eval_report as rep
-from pipelines.config import to_dict
+from pipelines.episodes import EpisodeStore, run_episodes
+from agenttuning.config import to_dict
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'eval', 'serve', 'wandb')  # what `--help` lists
 
 TRAJECTORIES = "trajectories.jsonl"
-
-
-# ----------------------------------------------------------------------------- episodes store
-
-
-def load_done(path: str) -> Dict[Tuple[str, str, str], Dict[str, Any]]:
-    """Finished episodes by (policy, task, task_id); a torn last line (crash mid-write) is ignored."""
-    done: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ep = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: unreadable line (interrupted write?), episode will be re-run", path, n)
-                continue
-            done[(ep["policy"], ep["task"], str(ep["task_id"]))] = ep
-    return done
-
-
-class EpisodeWriter:
-    """Appends one JSON line per finished episode and makes it durable before returning."""
-
-    def __init__(self, path: str):
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, ep: Dict[str, Any]) -> None:
-        self.f.write(json.dumps(ep, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
 
 
 # ----------------------------------------------------------------------------- policies / apps
@@ -107,50 +72,26 @@ def deploy(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> List[str]:
 # ----------------------------------------------------------------------------- running
 
 
-async def _run_episodes(handle: Any, jobs: List[Tuple[str, str, str]], writer: EpisodeWriter, concurrency: int,
-                        max_retries: int) -> List[Dict[str, Any]]:
-    """Run (policy, task, task_id) jobs with bounded concurrency; returns the failures."""
-    sem = asyncio.Semaphore(concurrency)
-    failures: List[Dict[str, Any]] = []
-
-    async def one(policy: str, task: str, tid: str) -> None:
-        async with sem:
-            for attempt in range(max_retries + 1):
-                try:
-                    ep = await handle.run.remote(task, tid, policy)
-                    writer.write(ep)
-                    return
-                except Exception as exc:  # noqa: BLE001 - a dead replica or server: retry, then report
-                    log.warning("episode %s/%s/%s failed (attempt %d): %s", policy, task, tid, attempt + 1, exc)
-                    err = f"{type(exc).__name__}: {exc}"[:500]
-            failures.append({"policy": policy, "task": task, "task_id": tid, "error": err})
-
-    await asyncio.gather(*(one(*j) for j in jobs))
-    return failures
-
-
 def run_agent_tasks(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
     """All episodes of the suite; returns task ids, skipped tasks and failures per task."""
     from ray import serve
 
     handle = serve.get_deployment_handle("RolloutServer", app_name=cfg.serve.rollout.app_name)
-    path = os.path.join(out_dir, TRAJECTORIES)
-    if not cfg.eval.resume and os.path.exists(path):
-        os.remove(path)
-    done = load_done(path)
+    store = EpisodeStore(os.path.join(out_dir, TRAJECTORIES), resume=cfg.eval.resume)
+    done = store.load()
     ids: Dict[str, List[str]] = {}
     skipped: Dict[str, Dict[str, str]] = {}
     for t in cfg.eval.tasks:
         listing = handle.task_ids.remote(t.name).result()
         ids[t.name], skipped[t.name] = [str(i) for i in listing["ids"]], listing["skipped"]
-    jobs = [(p, t, i) for p in policies for t in ids for i in ids[t] if (p, t, i) not in done]
+    jobs = [{"policy": p, "task": t, "task_id": i} for p in policies for t in ids for i in ids[t]
+            if (p, t, i) not in done]
     log.info("%d episodes to run (%d already done)", len(jobs), len(done))
-    writer = EpisodeWriter(path)
     t0 = time.time()
-    try:
-        failures = asyncio.run(_run_episodes(handle, jobs, writer, cfg.eval.concurrency, cfg.eval.max_retries))
-    finally:
-        writer.close()
+    with store:
+        outcome = run_episodes(handle, jobs, store, cfg.eval.concurrency, cfg.eval.max_retries, desc="eval episodes")
+    failures = [{"policy": k[0], "task": k[1], "task_id": k[2], "error": o["detail"]}
+                for k, o in outcome.items() if "error" in o]
     return {"ids": ids, "skipped": skipped, "failures": failures, "ran": len(jobs) - len(failures),
             "resumed": len(done), "wall_s": time.time() - t0}
 
@@ -158,7 +99,7 @@ def run_agent_tasks(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], out_di
 def _mc_remote(model_path: str, records: List[Dict[str, Any]], name: str, chat_template: str) -> Dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from pipelines.chat import load_tokenizer
+    from agenttuning.chat import load_tokenizer
     from pipelines.scorers import score_mc
 
     tok = load_tokenizer(model_path, chat_template)
@@ -209,7 +150,7 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
 
 def build_report(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], run: Dict[str, Any],
                  general: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
-    episodes = load_done(os.path.join(out_dir, TRAJECTORIES))
+    episodes = EpisodeStore(os.path.join(out_dir, TRAJECTORIES)).load()
     thresholds = {t.name: t.success_threshold for t in cfg.eval.tasks}
     categories = {t.name: t.category for t in cfg.eval.tasks}
     categories.update({g.name: g.category for g in cfg.eval.general})
@@ -265,7 +206,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     """Run the configured evaluation; prints where the report went."""
     from ray import serve
 
-    from pipelines.tiny import ensure_model
+    from agenttuning.cluster import ray_session
+    from agenttuning.models import ensure_model
 
     out_dir = cfg.eval.output_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -274,13 +216,14 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     policies = resolve_policies(cfg)
     if any(p["kind"] == "model" and p["model_path"] == cfg.model.name_or_path for p in policies.values()):
         ensure_model(cfg)
-    apps = deploy(cfg, policies) if cfg.eval.deploy else []
-    try:
-        run = run_agent_tasks(cfg, policies, out_dir)
-        general = run_general(cfg, policies)
-    finally:
-        for app in apps if cfg.eval.teardown else []:
-            serve.delete(app)
+    with ray_session():
+        apps = deploy(cfg, policies) if cfg.eval.deploy else []
+        try:
+            run = run_agent_tasks(cfg, policies, out_dir)
+            general = run_general(cfg, policies)
+        finally:
+            for app in apps if cfg.eval.teardown else []:
+                serve.delete(app)
     report = build_report(cfg, policies, run, general, out_dir)
     files = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
     rep.write_json(report, files[0])
@@ -297,6 +240,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.evaluate", sys.argv[1:]))

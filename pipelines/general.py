@@ -33,12 +33,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipelines import mixing
-from pipelines.config import ConfigError
+from agenttuning.config import ConfigError
 from pipelines.scorers import LETTERS, math_messages, mc_prompt
-from pipelines.sources import iter_text
+from agenttuning.sources import iter_text
 from pipelines.synthetic import write_jsonl
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('general',)  # what `--help` lists
 
 TRAIN_FILE = "general_train.jsonl"
 EVAL_FILES = {"mmlu": "mmlu_eval.jsonl", "gsm": "gsm_eval.jsonl", "humaneval": "humaneval_eval.jsonl"}
@@ -340,6 +341,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.general", sys.argv[1:]))

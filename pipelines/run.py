@@ -25,11 +25,12 @@ from typing import Any, Callable, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import RUN_STAGES as STAGES
-from pipelines.config import ConfigError, validate
+from agenttuning.config import RUN_STAGES as STAGES
+from agenttuning.config import ConfigError, validate
 from pipelines.mixing import stable_hash64
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('run', 'model', 'collect', 'general', 'data', 'train', 'scaling', 'serve', 'eval', 'wandb')  # what `--help` lists
 
 
 def derive(cfg: DictConfig, updates: Dict[str, Any]) -> DictConfig:
@@ -115,7 +116,7 @@ def results_table(report: Dict[str, Any], policies: List[str]) -> str:
 
 def main(cfg: DictConfig) -> Dict[str, Any]:
     """Run every stage; prints the results table and where everything went."""
-    import ray
+    from agenttuning.cluster import ray_session
 
     r = cfg.run
     source = r.db_source or _default_db_source()  # before any work: a missing file fails fast
@@ -137,13 +138,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
         log.info("stage %s done in %.1fs", name, timings[name])
         return res
 
-    started = not ray.is_initialized()
-    if started:
-        # Without RAY_ADDRESS: a local instance sized to this machine (num_cpus from run.num_cpus).
-        ray.init(num_cpus=r.num_cpus, include_dashboard=False) if r.num_cpus else ray.init()
-    try:
+    with ray_session(r.num_cpus):
         from pipelines import collect, data, evaluate, general, train
-        from pipelines.tiny import ensure_model
+        from agenttuning.models import ensure_model
 
         base = stage("model", lambda: os.path.abspath(ensure_model(cfg)))
         base = base or os.path.abspath(cfg.model.name_or_path)
@@ -179,12 +176,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
                     "tuned": {**model_pol, "kind": "model", "model_path": tuned or base}}
         ecfg = derive(cfg, {"eval.policies": policies})
         report = stage("eval", lambda: evaluate.main(ecfg))
-    finally:
-        if started:
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
     summary["timings_s"] = timings
     summary["wall_s"] = round(time.time() - t_start, 1)
     if report:
@@ -223,6 +214,6 @@ def _print_summary(cfg: DictConfig, summary: Dict[str, Any], out_dir: str) -> No
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.run", sys.argv[1:]))

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from pipelines.config import ConfigError, to_dict
+from agenttuning.config import ConfigError, to_dict
 from pipelines.train_utils import (
     COLUMNS, GROUPS, IGNORE, backward_scale, check_tokenizer, deepspeed_config, flops_per_token,
     lr_lambda, packed_forward, parquet_files, peak_memory_gb, peak_tflops, precision, read_manifest,
@@ -28,11 +28,13 @@ from pipelines.train_utils import (
 )
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'train', 'scaling', 'wandb')  # what `--help` lists
 
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"  # DeepSpeed engine state (optimizer, scheduler) inside a checkpoint
 DS_TAG = "state"
 WORKERS_FILE = "workers.json"  # rank → node id / ip / hostname / pid of the latest (re)start
+PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the driver's progress bar
 
 
 def _is_local(path: str) -> bool:
@@ -61,8 +63,8 @@ def list_checkpoints(directory: str) -> List[Tuple[int, str]]:
 
 def prepare(cfg: DictConfig) -> Dict[str, Any]:
     """Driver-side checks before any worker starts; returns the plain config for the workers."""
-    from pipelines.chat import load_tokenizer, tokenizer_fingerprint
-    from pipelines.tiny import ensure_model
+    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
+    from agenttuning.models import ensure_model
 
     conf = to_dict(cfg)
     t = conf["train"]
@@ -110,15 +112,65 @@ def _wandb_mode(mode: str) -> str:
 
 def main(cfg: DictConfig):
     """Build and run the TorchTrainer; returns the ray.train.Result."""
+    from agenttuning.cluster import ray_session
+
+    conf = prepare(cfg)
+    with ray_session():  # RAY_ADDRESS (ray job submit), this process's instance, or a local one
+        result = _fit(conf)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    last = _last_metrics(conf["train"])
+    if last:
+        log.info("last step %d: loss %.4f, %.0f tokens/s", last["step"], last["loss"], last["tokens_per_s"])
+    print(f"training finished: last checkpoint {ckpt} (run directory {run_dir(conf['train'])})")
+    return result
+
+
+def _last_metrics(t: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    path = os.path.join(run_dir(t), "metrics.jsonl")
+    if not _is_local(t["output_dir"]) or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def _watch_progress(t: Dict[str, Any], stop: "threading.Event") -> None:
+    """Driver-side progress bar from rank 0's progress file (workers' logs stay in Ray's folder)."""
+    from agenttuning.console import progress
+
+    path = os.path.join(run_dir(t), PROGRESS_FILE)
+    end = min(t["max_steps"], t["stop_after_steps"] or t["max_steps"])
+    bar, shown = None, 0
+    while not stop.wait(1.0):
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if bar is None:  # created on the first step report: the start step of a resumed run is known
+            bar = progress(total=end, initial=state["step"] - 1, desc="train steps", unit="step")
+            shown = state["step"] - 1
+        bar.set_postfix(loss=f"{state['loss']:.3f}", refresh=False)
+        bar.update(max(0, state["step"] - shown))
+        shown = max(shown, state["step"])
+    if bar is not None:
+        bar.close()
+
+
+def _fit(conf: Dict[str, Any]):
+    import threading
+
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    conf = prepare(cfg)
     t, s = conf["train"], conf["scaling"]
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (ray job submit) or a local instance
+    if _is_local(t["output_dir"]):
+        try:
+            os.remove(os.path.join(run_dir(t), PROGRESS_FILE))
+        except FileNotFoundError:
+            pass
     # Small read tasks: on a 2-CPU laptop the training workers hold every CPU.
     ds = ray.data.read_parquet(conf["_files"], columns=list(COLUMNS), num_cpus=0.1)
     ds.context.enable_progress_bars = False  # per-worker bars flood job logs
@@ -137,10 +189,16 @@ def main(cfg: DictConfig):
         # Not split: each worker reads the ordered stream and keeps its own slice (see module doc).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    print(f"training finished: last checkpoint {ckpt} (run directory {run_dir(t)})")
-    return result
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(t, stop), daemon=True)
+    if _is_local(t["output_dir"]):
+        watcher.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -348,7 +406,7 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipelines.chat import load_tokenizer
+    from agenttuning.chat import load_tokenizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -413,6 +471,9 @@ def train_loop_per_worker(conf: Dict[str, Any]) -> None:
                 # Global row order of the step: micro-batch index, then rank (see worker_rows).
                 rows = [d for i in range(gas) for g in gathered for d in g[i]]
                 _append(os.path.join(rdir, "samples.jsonl"), {"step": step, "epoch": epoch, "rows": rows})
+        if rank == 0 and local:
+            _write_atomic(os.path.join(rdir, PROGRESS_FILE),
+                          {"step": step, "end": end, "loss": stats[0].item() / max(n_sup.item(), 1)})
         is_save = step % t["save_every"] == 0 or step == end
         if step % t["log_every"] == 0 or is_save:
             now = time.perf_counter()
@@ -470,6 +531,13 @@ def _record_placement(rank: int, world: int, start_step: int, path: Optional[str
                 json.dump({"start_step": start_step, "world_size": world, "workers": gathered}, f, indent=1)
 
 
+def _write_atomic(path: str, record: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
 def _append(path: str, record: Dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -479,6 +547,6 @@ def _append(path: str, record: Dict[str, Any]) -> None:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("pipelines.train", sys.argv[1:]))

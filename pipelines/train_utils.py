@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import ConfigError
+from agenttuning.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -65,6 +65,8 @@ def main(argv: List[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A throwaway cluster bound to 127.0.0.1: no token authentication for it or its client.
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    # This interpreter's bin first: `ray`, and the job's `python`, come from the same (virtual) env.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["ray", "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp_dir}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
            f"--min-worker-port={workers}", f"--max-worker-port={workers + 200}"]

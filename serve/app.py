@@ -16,9 +16,10 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
-from pipelines.config import load_config, to_dict
+from agenttuning.config import load_config, to_dict
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'serve')  # what `--help` lists
 
 
 def _placement(s: Dict[str, Any]) -> Dict[str, Any]:
@@ -98,7 +99,7 @@ def serve_app(cfg: DictConfig, app: Any, name: str, route_prefix: str, blocking:
 
 def main(cfg: DictConfig) -> None:
     """`agenttuning serve CONFIG`: deploy the model server and serve until interrupted."""
-    from pipelines.tiny import ensure_model
+    from agenttuning.models import ensure_model
 
     ensure_model(cfg)
     serve_app(cfg, build_llm_app(cfg), cfg.serve.app_name, cfg.serve.route_prefix, cfg.serve.blocking,
@@ -108,6 +109,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("serve.app", sys.argv[1:]))

@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig
 from ray import serve
 
-from pipelines.config import to_dict
+from agenttuning.config import to_dict
 from serve.eft_decoding import CausalLM, DecodeParams, DecodeStats, EFTDecoder, EFTModels, check_vocabularies
 from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings, build_openai_app
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model', 'eft')  # what `--help` lists
 
 ROLES = ("large_base", "small_base", "small_ft")
 
@@ -103,7 +104,7 @@ class EFTBackend:
     """
 
     def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], lms: Optional[Dict[str, Any]] = None):
-        from pipelines.chat import load_tokenizer
+        from agenttuning.chat import load_tokenizer
 
         paths = model_paths(eft, model)
         trust = bool(model.get("trust_remote_code", False))
@@ -302,7 +303,7 @@ def build_eft_app(cfg: DictConfig):
 
 def eft_builder(args: Dict[str, str]):
     """Entry for Serve config files / ``serve run serve.eft:eft_builder config=PATH [k=v ...]``."""
-    from pipelines.config import load_config
+    from agenttuning.config import load_config
 
     args = dict(args)
     path = args.pop("config", None)
@@ -327,7 +328,7 @@ def serve_without_ray(cfg: DictConfig) -> None:
 
 def main(cfg: DictConfig) -> None:
     """`agenttuning eft CONFIG`: deploy the EFT server and serve until interrupted."""
-    from pipelines.tiny import ensure_model
+    from agenttuning.models import ensure_model
     from serve.app import start_serve
 
     if not cfg.eft.small_ft:
@@ -351,6 +352,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     sys.exit(run_job("serve.eft", sys.argv[1:]))

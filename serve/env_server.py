@@ -43,6 +43,7 @@ from ray.serve.request_router import RequestRouter
 from serve.envs import EnvError, EpisodeOver, TaskSetupError, UnknownTask, load
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('envs',)  # what `--help` lists
 
 
 class EnvServerError(Exception):
@@ -362,7 +363,7 @@ def main(cfg) -> None:
 
     import ray
 
-    from pipelines.config import to_dict
+    from agenttuning.config import to_dict
 
     c = to_dict(cfg)["envs"]
     srv = c.get("server", {})
@@ -380,6 +381,6 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
     raise SystemExit(run_job("serve.env_server", __import__("sys").argv[1:]))

@@ -266,7 +266,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from pipelines.chat import load_tokenizer
+        from agenttuning.chat import load_tokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -307,7 +307,7 @@ class VLLMBackend:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError as exc:
             raise RuntimeError("serve.backend=vllm but vllm is not installed; use serve.backend=hf") from exc
-        from pipelines.chat import load_tokenizer
+        from agenttuning.chat import load_tokenizer
 
         self.model_id = model_id or os.path.basename(os.path.normpath(name_or_path))
         self.tokenizer = load_tokenizer(name_or_path, chat_template, trust_remote_code)

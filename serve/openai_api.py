@@ -3,7 +3,7 @@
 A model server is two parts:
 
 1. a **backend**: anything with ``model_id: str``, ``tokenizer`` (a HF tokenizer with a chat
-   template, e.g. from ``pipelines.chat.load_tokenizer``) and
+   template, e.g. from ``agenttuning.chat.load_tokenizer``) and
    ``generate(prompt_ids: list[int], params: SamplingParams) -> Iterator[int] | AsyncIterator[int]``
    yielding generated token ids one at a time. The backend stops by itself at end-of-sequence
    (without yielding the EOS id) or after ``params.max_tokens`` tokens. ``params.temperature == 0``
@@ -16,7 +16,7 @@ A model server is two parts:
    ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream`` with server-sent events in
    OpenAI's ``chat.completion.chunk`` format ending with ``data: [DONE]``; ``stop`` str or list;
    ``max_tokens``; ``temperature``; ``top_p``; ``seed``; ``n`` = 1 only) and ``GET /health``.
-   Prompts are rendered with the tokenizer's chat template by :func:`pipelines.chat.prompt_ids`
+   Prompts are rendered with the tokenizer's chat template by :func:`agenttuning.chat.prompt_ids`
    (the server's system prompt is added when the request has none).
    Errors are OpenAI-shaped JSON ``{"error": {"message", "type", "param", "code"}}`` with 4xx/5xx.
 
@@ -45,7 +45,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.config import AGENTLM_SYSTEM_PROMPT
+from agenttuning.config import AGENTLM_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class OpenAIChat:
         return ModelList(data=[ModelCard(id=self.backend.model_id, created=int(time.time()))])
 
     def prepare(self, req: ChatCompletionRequest):
-        from pipelines.chat import ChatError, prompt_ids
+        from agenttuning.chat import ChatError, prompt_ids
 
         if req.model not in (self.backend.model_id, *self.settings.aliases):
             raise APIError(404, f"model {req.model!r} not found; this server has {self.backend.model_id!r}", param="model")

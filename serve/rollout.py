@@ -84,13 +84,13 @@ class ChatPolicy:
         self.context_policy = cfg.get("context_policy", "truncate")
         self._tok = None
         if cfg.get("tokenizer") and self.context_limit is not None:  # only needed to count tokens
-            from pipelines.chat import load_tokenizer
+            from agenttuning.chat import load_tokenizer
 
             self._tok = load_tokenizer(cfg["tokenizer"], cfg.get("chat_template", "llama2"))
 
     def count(self, messages: List[Dict[str, Any]]) -> int:
         if self._tok is not None:
-            from pipelines.chat import prompt_ids
+            from agenttuning.chat import prompt_ids
 
             return len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt"))) + int(self.cfg.get("max_tokens", 512))
         return sum(_approx_tokens(m["content"]) + 4 for m in messages) + int(self.cfg.get("max_tokens", 512))
@@ -125,7 +125,7 @@ class ChatPolicy:
     def estimate_usage(self, messages: List[Dict[str, Any]], text: str) -> Dict[str, int]:
         """Prompt/completion tokens with the policy's tokenizer if it has one, else ~4 chars/token."""
         if self._tok is not None:
-            from pipelines.chat import prompt_ids
+            from agenttuning.chat import prompt_ids
 
             prompt = len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt")))
             completion = len(self._tok(text, add_special_tokens=False)["input_ids"])

@@ -42,8 +42,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     """A locally built tiny Llama + BPE tokenizer in HF format (built once per test session)."""
-    from pipelines.config import TinyModelConfig
-    from pipelines.tiny import build_tiny_model
+    from agenttuning.config import TinyModelConfig
+    from agenttuning.models import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_model(str(out), TinyModelConfig(enabled=True))

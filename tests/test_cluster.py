@@ -137,7 +137,7 @@ def _job_commands(text: str):
                                  "kuberay/rayjob.yaml"])
 def test_cited_job_commands_load(doc):
     """Every job command in the cluster docs names a config that exists and loads with its overrides."""
-    from pipelines.config import load_config
+    from agenttuning.config import load_config
 
     cmds = _job_commands((CLUSTER / doc).read_text())
     assert cmds, f"{doc} cites no job command"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from agenttuning.config import ConfigError, load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

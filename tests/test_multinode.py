@@ -57,6 +57,8 @@ class LocalCluster:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # A throwaway cluster bound to 127.0.0.1: no token authentication for it or its clients.
         self.env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        # This interpreter's bin first: `ray`, and the job's `python`, come from the same (virtual) env.
+        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         self.procs: List[subprocess.Popen] = []
         self.dashboard = self.gcs = ""
 
@@ -65,7 +67,7 @@ class LocalCluster:
         workers = _rjs.free_ports(1)[0]
         temp = os.path.join(self.root, f"n{i}")
         os.makedirs(temp)
-        cmd = [shutil.which("ray") or "ray", "start", "--block", f"--num-cpus={self.cpus}", "--num-gpus=0",
+        cmd = ["ray", "start", "--block", f"--num-cpus={self.cpus}", "--num-gpus=0",
                f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
                f"--min-worker-port={workers}", f"--max-worker-port={workers + 100}",
                *[f"{k}={v}" for k, v in ports.items()], *extra]
@@ -188,7 +190,7 @@ def _check_spread(cluster: LocalCluster, run: pathlib.Path) -> None:
 @pytest.mark.timeout(900)
 def test_training_workers_land_on_both_nodes(two_nodes, tiny_model_dir, tmp_path):
     """The training job alone, over packed rows in the data job's output format (written in-process)."""
-    from pipelines.chat import load_tokenizer, tokenizer_fingerprint
+    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
 
     sys.path.insert(0, str(REPO / "tests" / "pipelines"))
     from train_data import write_packed_data

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.collect import has_thoughts, main, task_start
-from pipelines.config import ConfigError, load_config
+from agenttuning.config import ConfigError, load_config
 from pipelines.derive import derive_db, norm_question
 
 DEV = "agentbench/dbbench_dev.jsonl"
@@ -167,9 +167,9 @@ def test_offline_collection_yields_agentinstruct(offline, tiny_model_dir, capsys
 
 
 def test_data_job_accepts_output_and_demo_has_no_loss(offline, tiny_model_dir):
-    from pipelines.chat import IGNORE_INDEX, encode_chat, load_tokenizer
+    from agenttuning.chat import IGNORE_INDEX, encode_chat, load_tokenizer
     from pipelines.data import tokenize_batch
-    from pipelines.sources import to_messages
+    from agenttuning.sources import to_messages
 
     _, res, _ = offline
     rows = []

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import mixing
-from pipelines.chat import IGNORE_INDEX, encode_chat, load_tokenizer
-from pipelines.config import ConfigError, load_config
+from agenttuning.chat import IGNORE_INDEX, encode_chat, load_tokenizer
+from agenttuning.config import ConfigError, load_config
 from pipelines.data import main, plan, tokenize_batch
-from pipelines.sources import SourceError, iter_file, to_messages
+from agenttuning.sources import SourceError, iter_file, to_messages
 from pipelines.synthetic import agentinstruct_records, sharegpt_records, write_jsonl
 
 BAD_LINES = [  # (raw line bytes, expected reason)

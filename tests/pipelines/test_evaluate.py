@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines import eval_report as rep
-from pipelines.config import load_config
+from agenttuning.config import load_config
 
 
 def test_repetition_and_error_labels():

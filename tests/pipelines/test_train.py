@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pipelines.config import ConfigError, load_config
+from agenttuning.config import ConfigError, load_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_data import write_packed_data  # noqa: E402
@@ -20,7 +20,7 @@ CONFIG = str(REPO / "configs" / "train_tiny_cpu.yaml")
 
 @pytest.fixture(scope="module")
 def data_dir(tiny_model_dir, tmp_path_factory) -> str:
-    from pipelines.chat import load_tokenizer, tokenizer_fingerprint
+    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(str(tiny_model_dir))
     return write_packed_data(str(tmp_path_factory.mktemp("train-data")), tok, tokenizer_fingerprint(tok),

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from pipelines.config import ConfigError, load_config, to_dict
+from agenttuning.config import ConfigError, load_config, to_dict
 from pipelines.train_utils import (
     IGNORE, backward_scale, check_tokenizer, deepspeed_config, lr_lambda, packed_forward, shifted_targets,
     worker_rows,

@@ -6,8 +6,8 @@ import openai
 import pytest
 import torch
 
-from pipelines.chat import prompt_ids
-from pipelines.config import load_config
+from agenttuning.chat import prompt_ids
+from agenttuning.config import load_config
 from serve.eft_decoding import DecodeParams, VocabularyMismatchError
 from serve.openai_api import ServerSettings, build_openai_app, run_local_server
 
@@ -110,8 +110,8 @@ def test_vocabulary_mismatch_is_reported_at_start(trio, tiny_model_dir):
     with pytest.raises(VocabularyMismatchError, match="large_base=2100"):
         build_eft_app(_cfg({**trio, "large_base": str(odd)}))
     # Same logit width, different tokenizer: caught too.
-    from pipelines.config import TinyModelConfig
-    from pipelines.tiny import build_tokenizer
+    from agenttuning.config import TinyModelConfig
+    from agenttuning.models import build_tokenizer
 
     other = _save_variant(tiny_model_dir, trio["root"] / "other_tok", noise=0.0)
     build_tokenizer(TinyModelConfig(vocab_size=1024)).save_pretrained(str(other))

@@ -166,7 +166,7 @@ def test_manager_idle_timeout_and_lost_replica(bench_data):
 
 
 def test_config_file_builds_the_app():
-    from pipelines.config import load_config, to_dict
+    from agenttuning.config import load_config, to_dict
     from serve.env_server import build_env_app
 
     cfg = load_config("configs/envs.yaml", ["envs.server.max_sessions=5", "envs.tasks.os.enabled=false"])

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from pipelines.chat import prompt_ids
+from agenttuning.chat import prompt_ids
 from serve.llm import HFBackend
 from serve.openai_api import SamplingParams, ServerSettings, StopStringDetokenizer, build_openai_app, run_local_server
 
@@ -118,7 +118,7 @@ def test_continuous_batching_matches_serial_greedy(backend):
 
 
 def test_placement_and_backend_choice_from_config(tiny_model_dir):
-    from pipelines.config import ConfigError, load_config, to_dict
+    from agenttuning.config import ConfigError, load_config, to_dict
     from serve.app import _placement
     from serve.llm import make_backend, vllm_available
 

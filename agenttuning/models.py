@@ -20,10 +20,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipelines.config import GGUFModelConfig, TinyModelConfig
-from pipelines.sources import iter_text
+from agenttuning.config import GGUFModelConfig, TinyModelConfig
+from agenttuning.sources import iter_text
 
 log = logging.getLogger(__name__)
+CONFIG_SECTIONS = ('model',)  # what `--help` lists
 
 DEFAULT_CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 in this order
@@ -34,7 +35,7 @@ def build_tokenizer(cfg: TinyModelConfig):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pipelines.chat import LLAMA2_CHAT_TEMPLATE
+    from agenttuning.chat import LLAMA2_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -170,6 +171,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from pipelines.cli import run_job
+    from agenttuning.cli import run_job
 
-    sys.exit(run_job("pipelines.tiny", sys.argv[1:]))
+    sys.exit(run_job("agenttuning.models", sys.argv[1:]))

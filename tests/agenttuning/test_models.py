@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.config import load_config
-from pipelines.tiny import ensure_model
+from agenttuning.config import load_config
+from agenttuning.models import ensure_model
 
 
 def test_ensure_model_builds_hf_folder_once(tmp_path):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # `${data:agentbench/dbbench_dev.jsonl}`: a file shipped in the repo's data/ folder (or under
 # $AGENTTUNING_DATA_DIR), whatever the current directory.
 if not OmegaConf.has_resolver("data"):
-    OmegaConf.register_new_resolver("data", paths.data_file)
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("data", paths.data_file)
 
 AGENTLM_SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 
@@ -48,7 +48,7 @@ class TinyModelConfig:
     num_kv_heads: int = 4
     max_position_embeddings: int = 4096
     # Text files (txt / jsonl of any of our data formats) the BPE tokenizer is trained on;
-    # empty means the corpus that ships with the package (pipelines/assets/tiny_corpus.txt).
+    # empty means the corpus that ships with the package (agenttuning/assets/tiny_corpus.txt).
     corpus: List[str] = field(default_factory=list)
     seed: int = 0
 

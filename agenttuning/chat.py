@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipelines.config import AGENTLM_SYSTEM_PROMPT
+from agenttuning.config import AGENTLM_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 

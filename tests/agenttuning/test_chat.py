@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.chat import (
+from agenttuning.chat import (
     IGNORE_INDEX,
     LLAMA2_CHAT_TEMPLATE,
     ChatError,
@@ -14,7 +14,7 @@ from pipelines.chat import (
     prompt_ids,
     render,
 )
-from pipelines.config import AGENTLM_SYSTEM_PROMPT
+from agenttuning.config import AGENTLM_SYSTEM_PROMPT
 
 AGENT_RECORD = [  # AgentInstruct shape: a one-shot demonstration marked loss: false, then the task
     {"role": "user", "content": "You are an OS agent. Example: how many files are in /etc?", "loss": False},

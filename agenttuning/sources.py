@@ -15,7 +15,8 @@ import os
 import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from pipelines.chat import ChatError
+from agenttuning.chat import ChatError
+from agenttuning.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _ROLE_ALIASES = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(ConfigError):
     """A data source that cannot be read (raised before any Ray work starts)."""
 
 
