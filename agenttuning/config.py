@@ -710,10 +710,6 @@ def _validate_collect(c: DictConfig) -> None:
         names.add(task.name)
         ins = task.instructions
         _one_of(ins.kind, f"{k}.instructions.kind", ("env", "derive", "self_instruct"))
-        _check(ins.kind != "derive" or task.env in ("db", "dbbench", "os", "os_interaction"), f"{k}.instructions.kind",
-               f"derive exists for the db and os environments, not {task.env!r}")
-        _check(ins.kind == "env" or task.env not in ("db", "dbbench") or bool(ins.source),
-               f"{k}.instructions.source", "db derivation/self-instruct needs a DBBench jsonl whose tables it reuses")
         _check(ins.kind != "self_instruct" or t.kind == "openai", f"{k}.instructions.kind",
                "self_instruct needs collect.teacher.kind=openai")
         _check(ins.per_table >= 1 and ins.n >= 1, f"{k}.instructions.per_table", "per_table and n must be >= 1")

@@ -22,6 +22,10 @@ JOBS = {
     "eft": "serve.eft",  # EFT / up-scaling server
     "build-model": "agenttuning.models",  # model.name_or_path from model.gguf or model.tiny
 }
+# Commands that take their own arguments instead of CONFIG (module with `cli(argv) -> int`).
+COMMANDS = {
+    "fetch-data": "pipelines.fetch_data",  # optional data too large to ship (ALFWorld training games)
+}
 
 
 def usage() -> str:
@@ -31,7 +35,7 @@ def usage() -> str:
              "       agenttuning <job> --help      (what the job does, its config keys and defaults)",
              "       agenttuning data preview CONFIG [key=value ...]", "", "jobs:"]
     src = open(importlib.util.find_spec(__name__).origin, encoding="utf-8").read()  # the comments above
-    for job, module in JOBS.items():
+    for job, module in {**JOBS, **COMMANDS}.items():
         note = next((ln.split("#", 1)[1].strip() for ln in src.splitlines()
                      if ln.strip().startswith(f'"{job}":') and "#" in ln), "")
         lines.append(f"  {job:<12} {note}")
@@ -43,6 +47,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         sys.exit(0 if argv else 2)
+    if argv[0] in COMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(COMMANDS[argv[0]]).cli(argv[1:]))
     if argv[0] not in JOBS:
         print(f"error: unknown job {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)

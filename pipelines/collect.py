@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from pipelines import collect_instruct as ci
 from pipelines import mixing
-from agenttuning.config import to_dict
+from agenttuning.config import ConfigError, to_dict
 from pipelines.episodes import EpisodeStore, run_episodes
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
     c = cfg.collect
     if not c.tasks:
-        raise ValueError("config key 'collect.tasks': nothing to collect")
+        raise ConfigError("config key 'collect.tasks': nothing to collect")
+    ci.check_tasks(c.tasks)
     out_dir = c.output_dir
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()

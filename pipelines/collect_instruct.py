@@ -17,7 +17,9 @@ import random
 import re
 from typing import Any, Dict, List, Optional, Set
 
+from agenttuning.config import ConfigError
 from pipelines import derive
+from serve.envs import available, canonical
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,22 @@ def expand_paths(paths: List[str]) -> List[str]:
     return files
 
 
+def check_tasks(tasks: Any) -> None:
+    """Before any work: each task names a known environment, and the instruction kind exists for it."""
+    for i, task in enumerate(tasks):
+        k = f"collect.tasks.{i}"
+        env = canonical(task.env)
+        if env not in available() and ":" not in task.env:
+            raise ConfigError(f"config key '{k}.env': unknown environment {task.env!r}; known: {', '.join(available())}")
+        kind = task.instructions.kind
+        if kind == "derive" and env not in ("db", "os"):
+            raise ConfigError(f"config key '{k}.instructions.kind': derive exists for the db and os environments, "
+                              f"not {task.env!r}")
+        if kind != "env" and env == "db" and not task.instructions.source:
+            raise ConfigError(f"config key '{k}.instructions.source': db derivation/self-instruct needs a "
+                              "DBBench jsonl whose tables it reuses")
+
+
 def prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     """The task file and split the rollout deployment will load for ``task`` and generation
     counts: ``{"path", "split", "generated": {...}}``."""
@@ -77,7 +95,7 @@ def _prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]
     inst_dir = os.path.join(out_dir, "instructions")
     os.makedirs(inst_dir, exist_ok=True)
     opts = dict(task.options or {})
-    db = task.env in ("db", "dbbench")
+    db = canonical(task.env) == "db"
     if ins.kind == "env":
         return {"path": ins.path or task.path, "split": ins.split, "generated": {}}
     if ins.kind == "derive":
@@ -112,7 +130,7 @@ async def _self_instruct(policy: Any, task: Any, path: str, rejects_path: str, e
     """Ask the teacher for ``instructions.n`` candidates, validate each, write valid ones."""
     from serve.rollout import TeacherError
 
-    ins, db = task.instructions, task.env in ("db", "dbbench")
+    ins, db = task.instructions, canonical(task.env) == "db"
     rng = random.Random(f"self|{ins.seed}")
     tables = derive.read_tables(ins.source)[0] if db else []
     backend = str((task.options or {}).get("backend", "auto"))

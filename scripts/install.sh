@@ -21,8 +21,14 @@ APT_PACKAGES=(
 )
 
 if [[ "${AGENTTUNING_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
+  if grep -qs '^ID=ubuntu' /etc/os-release; then
+    # Ubuntu ships Chromium only as a snap (no snapd in containers): Selenium Manager downloads
+    # Chrome for Testing on first use instead (internet needed once; MiniWoB++ / WebArena only).
+    APT_PACKAGES=("${APT_PACKAGES[@]/chromium-driver/}"); APT_PACKAGES=("${APT_PACKAGES[@]/chromium/}")
+    say "Ubuntu: Chromium from Selenium Manager on first use (not apt: snap-only there)"
+  fi
   missing=()
-  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "${APT_PACKAGES[@]}"; do [[ -z "$p" ]] || dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if ((${#missing[@]})); then
     SUDO=""
     if [[ $(id -u) != 0 ]]; then

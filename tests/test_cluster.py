@@ -93,11 +93,28 @@ def test_kuberay_manifests():
         assert claims == [pvc["metadata"]["name"]], where
     # The image the manifests name is cluster/Dockerfile's: it installs the project where the RayJob runs.
     docker = (CLUSTER / "Dockerfile").read_text()
-    assert "bash scripts/install.sh" in docker
     workdir = re.search(r"^WORKDIR (\S+)", docker, re.M).group(1)
     assert f"cd {workdir} " in job["spec"]["entrypoint"]
     images = {c["image"] for _, t in _pod_templates(rc["spec"]) for c in t["spec"]["containers"]}
     assert images == {"agenttuning:latest"}
+
+
+def test_dockerfile_layers_and_runtime_contents():
+    """Dependencies install before the source is copied (a code change reinstalls nothing), from
+    constraints.txt, with the runtime extras only; tests stay out of the image."""
+    docker = (CLUSTER / "Dockerfile").read_text()
+    steps = [ln.split()[0] for ln in docker.splitlines() if ln and not ln.startswith((" ", "#"))]
+    lines = [ln for ln in docker.splitlines() if ln and not ln.startswith("#")]
+    deps = next(i for i, ln in enumerate(lines) if '-c constraints.txt ".[envs]"' in ln)
+    source = next(i for i, ln in enumerate(lines) if ln.startswith("COPY") and " . ." in ln)
+    assert deps < source and steps.count("FROM") == 1
+    assert "test" not in docker.split('".[', 1)[1].split("]", 1)[0]
+    block = re.search(r"APT_PACKAGES=\((.*?)\n\)", (ROOT / "scripts" / "install.sh").read_text(), re.S).group(1)
+    apt = {p for ln in block.splitlines() for p in ln.split("#", 1)[0].split()}
+    apt -= {"python3-venv", "python3-dev"}  # the image's own Python (python:3.11) has venv and headers
+    assert apt <= set(docker.split()), f"install.sh packages missing from the image: {apt - set(docker.split())}"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "tests" in ignored and ".git" in ignored and "outputs" in ignored
 
 
 def test_kubernetes_validation_catches_a_typo():

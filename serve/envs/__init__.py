@@ -8,7 +8,7 @@ and how to add an environment.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from serve.envs.base import (
     Env,
@@ -27,40 +27,58 @@ from serve.envs.base import (
     run_episode,
 )
 
-# Environment name -> module that registers it. Names not listed here are looked up as
-# serve.envs.<name>; "package.module:Class" loads an outside Env subclass.
-_MODULES: Dict[str, str] = {
-    "db": "serve.envs.db",
-    "dbbench": "serve.envs.db",
-    "os": "serve.envs.os_shell",
-    "os_interaction": "serve.envs.os_shell",
-    "alfworld": "serve.envs.alfworld",
-    "sciworld": "serve.envs.scienceworld",
-    "scienceworld": "serve.envs.scienceworld",
-    "miniwob": "serve.envs.miniwob",
-    "hotpotqa": "serve.envs.hotpotqa",
+# The one table of environment names: canonical name -> (module that registers it, aliases).
+# Aliases resolve here (`canonical`), so configs may use either; modules register the canonical
+# name only. Names not listed are looked up as serve.envs.<name>; "package.module:Class" loads an
+# outside Env subclass.
+ENVIRONMENTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    # held-in (AgentBench)
+    "os": ("serve.envs.os_shell", ("os_interaction",)),
+    "db": ("serve.envs.db", ("dbbench",)),
+    "kg": ("serve.envs.kg", ("knowledgegraph",)),
+    "alfworld": ("serve.envs.alfworld", ()),
+    "webshop": ("serve.envs.webshop", ()),
+    "mind2web": ("serve.envs.mind2web", ()),
+    # held-out (AgentTuning's eval_heldout)
+    "scienceworld": ("serve.envs.scienceworld", ("sciworld",)),
+    "miniwob": ("serve.envs.miniwob", ("miniwob++",)),
+    "webarena": ("serve.envs.webarena", ()),
+    "hotpotqa": ("serve.envs.hotpotqa", ()),
+    "rewoo": ("serve.envs.rewoo", ()),
+    "dcg": ("serve.envs.dcg", ("card_game",)),
 }
+_ALIASES: Dict[str, str] = {a: name for name, (_, aliases) in ENVIRONMENTS.items() for a in aliases}
+
+
+def canonical(name: str) -> str:
+    """The canonical environment name of ``name`` (an alias such as ``dbbench`` → ``db``)."""
+    return _ALIASES.get(name, name)
+
+
+def _module(name: str) -> str:
+    return ENVIRONMENTS[name][0] if name in ENVIRONMENTS else f"serve.envs.{name}"
 
 
 def get_class(name: str) -> Type[Env]:
-    """The Env subclass registered as ``name`` (importing its module on first use)."""
+    """The Env subclass registered as ``name`` or its canonical name (importing its module on first use)."""
     if ":" in name:
         mod, _, attr = name.partition(":")
         cls = getattr(importlib.import_module(mod), attr, None)
         if not (isinstance(cls, type) and issubclass(cls, Env)):
             raise EnvError(f"{name!r} is not an Env subclass")
         return cls
-    if name not in _REGISTRY:
-        module = _MODULES.get(name, f"serve.envs.{name}")
+    key = name if name in _REGISTRY else canonical(name)
+    if key not in _REGISTRY:
+        module = _module(key)
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the module exists but lacks a dependency: say which
                 raise EnvError(f"environment {name!r} needs the missing module {exc.name!r}") from exc
             raise EnvError(f"unknown environment {name!r}; known: {', '.join(available())}") from None
-    if name not in _REGISTRY:
-        raise EnvError(f"module {_MODULES.get(name, 'serve.envs.' + name)} did not register {name!r}")
-    return _REGISTRY[name]
+    if key not in _REGISTRY:
+        raise EnvError(f"module {_module(key)} did not register {key!r}")
+    return _REGISTRY[key]
 
 
 def load(name: str, path: Optional[str] = None, **options: Any) -> Env:
@@ -73,11 +91,12 @@ def load(name: str, path: Optional[str] = None, **options: Any) -> Env:
 
 
 def available() -> List[str]:
-    """Known environment names (registered or importable by name)."""
-    return sorted(set(_MODULES) | set(_REGISTRY))
+    """Canonical names of the known environments (listed above or registered by outside code)."""
+    return sorted(set(ENVIRONMENTS) | {n for n in _REGISTRY if n not in _ALIASES})
 
 
 __all__ = [
     "Env", "EnvError", "Episode", "EpisodeOver", "InvalidAction", "InvalidFormat", "Status",
-    "StepResult", "Task", "TaskSetupError", "UnknownTask", "available", "get_class", "load", "register", "run_episode",
+    "StepResult", "Task", "TaskSetupError", "UnknownTask", "available", "canonical", "get_class", "load", "register",
+    "run_episode", "ENVIRONMENTS",
 ]

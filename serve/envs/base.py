@@ -24,7 +24,7 @@ How to add an environment
            def end_episode(self):               # optional: free per-episode resources
                ...
 
-2. Add the name to ``_MODULES`` in ``serve/envs/__init__.py`` (so ``load`` can import lazily)
+2. Add the name (and any aliases) to ``ENVIRONMENTS`` in ``serve/envs/__init__.py`` (so ``load`` imports lazily)
    unless the module is ``serve/envs/<name>.py`` itself, which is found by convention.
 
 The base class owns the shared mechanics, so every environment behaves the same way:
