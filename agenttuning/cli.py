@@ -14,14 +14,16 @@ import dataclasses
 import importlib
 import inspect
 import io
+import signal
 import sys
 import tokenize
 from typing import Any, Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
-from agenttuning import config as config_schema
-from agenttuning.config import Config, ConfigError, load_config
+from agenttuning import schema as config_schema
+from agenttuning.config import ConfigError, load_config
+from agenttuning.schema import Config
 
 
 def _field_comments() -> Dict[Tuple[str, str], str]:
@@ -73,7 +75,7 @@ def describe(sections: List[str]) -> str:
             if sub is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 value = f.default_factory()  # type: ignore[misc]
                 sub = type(value) if dataclasses.is_dataclass(value) else None
-            note = comments.get((cls.__name__, f.name), "")
+            note = next((comments[(c.__name__, f.name)] for c in cls.__mro__ if (c.__name__, f.name) in comments), "")
             if sub is not None:
                 lines.append(f"{'  ' * depth}{key}:" + (f"  # {note}" if note else ""))
                 walk(sub, key, depth + 1)
@@ -97,6 +99,18 @@ def job_help(module: Any) -> str:
     return (f"usage: python -m {module.__name__} CONFIG [dotted.key=value ...] [--print-config]\n\n"
             f"{summary}\n\nconfig sections read by this job (key = default  # meaning):"
             f"{describe(sections)}\n")
+
+
+class JobStopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, Kubernetes) or SIGINT (Ctrl-C) arrived: unwind, cleaning up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise JobStopped(signum)
 
 
 def run_job(module_name: str, argv: List[str]) -> int:
@@ -124,11 +138,21 @@ def run_job(module_name: str, argv: List[str]) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
         setup_logging(module_name.rsplit(".", 1)[-1])
+        # Both signals unwind the job through its finally blocks (Serve apps it deployed are
+        # deleted, episode files closed, a local Ray stopped); SIGINT explicitly too, because a
+        # shell starts background jobs with SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop)
         # Jobs raise ConfigError too, for what only they can check before work (paths, data sizes).
         entry(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"{module_name}: stopped by {signal.Signals(signum).name}; outputs written so far are kept "
+              "(re-run to resume)", file=sys.stderr)
+        return 128 + int(signum)
     return 0
     if hasattr(module, "cli"):  # jobs with sub-commands (data preview) parse their own argv
         return int(module.cli(argv) or 0)

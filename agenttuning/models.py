@@ -18,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+from typing import Any, Optional
+
 from omegaconf import DictConfig
 
 from agenttuning.config import GGUFModelConfig, TinyModelConfig
@@ -145,6 +147,60 @@ def convert_gguf(src: str, out_dir: str) -> str:
     n = sum(p.numel() for p in fresh.parameters())
     log.info("converted %s: %.1fM params, vocab %d", name, n / 1e6, len(tok))
     return out_dir
+
+
+# ----------------------------------------------------------------------------- loading (one policy)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else str(device)
+
+
+def torch_dtype(name: str, device: str) -> "torch.dtype":
+    """The weights' dtype: ``auto`` is bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    import torch
+
+    if str(name) == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[str(name)]
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = "auto",
+                   trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """A causal LM in eval mode, for serving, EFT, scoring and training alike.
+
+    ``device=None`` leaves placement to the caller (DeepSpeed in training); a CUDA device with several
+    GPUs visible shards the model layer-wise over them (e.g. a 70B EFT base given 4 GPUs).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device) if device is not None else "cpu"
+    opts = dict(dtype=torch_dtype(dtype, dev), trust_remote_code=trust_remote_code, **kwargs)
+    if device is not None and dev.startswith("cuda") and torch.cuda.device_count() > 1:
+        return AutoModelForCausalLM.from_pretrained(path, device_map="auto", **opts).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **opts)
+    return (model.to(dev) if device is not None else model).eval()
+
+
+def nucleus(probs: "torch.Tensor", top_p: float) -> "torch.Tensor":
+    """Top-p filtering of probabilities [..., V]: keep the smallest set of most likely tokens whose
+    mass reaches ``top_p`` (the token that crosses it is kept), renormalised."""
+    import torch
+
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def ensure_model(cfg: DictConfig) -> str:

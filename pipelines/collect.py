@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 
 from pipelines import collect_instruct as ci
 from pipelines import mixing
-from agenttuning.config import ConfigError, to_dict
+from agenttuning.config import ConfigError, to_dict, to_object
+from agenttuning.schema import EvalTaskConfig, PolicyConfig, PolicyKind
 from pipelines.episodes import EpisodeStore, run_episodes
 
 log = logging.getLogger(__name__)
@@ -85,25 +86,20 @@ def choose_demo(pool: List[Dict[str, Any]], task_id: str) -> Optional[Dict[str, 
 # ----------------------------------------------------------------------------- running
 
 
-def deploy(cfg: DictConfig, tasks: List[Dict[str, Any]], teacher: Dict[str, Any]) -> str:
+def deploy(cfg: DictConfig, tasks: List[EvalTaskConfig], teacher: PolicyConfig) -> str:
     """The rollout application for the collect tasks (policies: teacher + scripted expert)."""
     from ray import serve
 
-    from serve.app import start_serve
-    from serve.rollout import RolloutServer
+    from serve.lifecycle import start_serve
+    from serve.rollout import PolicySpec, RolloutServer
 
-    start_serve(cfg)
+    start_serve(to_object(cfg.serve))
     r = cfg.serve.rollout
+    policies = {"teacher": PolicySpec(teacher), "expert": PolicySpec(PolicyConfig(kind=PolicyKind.expert))}
     app = RolloutServer.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
-                                ray_actor_options={"num_cpus": r.num_cpus}).bind(
-        tasks, {"teacher": teacher, "expert": {"kind": "expert"}})
+                                ray_actor_options={"num_cpus": r.num_cpus}).bind(tasks, policies)
     serve.run(app, name=cfg.collect.app_name, route_prefix=None)
     return cfg.collect.app_name
-
-
-def teacher_policy(c: DictConfig) -> Dict[str, Any]:
-    t = to_dict(c.teacher)
-    return t if t["kind"] == "openai" else {"kind": "expert"}
 
 
 def collect_episodes(cfg: DictConfig, handle: Any, listings: Dict[str, Dict[str, Any]], out_dir: str
@@ -224,12 +220,15 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     out_dir = c.output_dir
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    teacher = teacher_policy(c)
+    teacher = to_object(c.teacher)
+    if teacher.kind == "model":
+        raise ConfigError("config key 'collect.teacher.kind': model is not a teacher here; serve it "
+                          "(agenttuning serve) and use kind: openai with its base_url")
     exclude = ci.eval_questions(list(c.decontamination.paths)) if c.decontamination.paths else set()
     preps = {t.name: ci.prepare(t, teacher, out_dir, exclude) for t in c.tasks}
     ref = reference(c)
-    rollout_tasks = [{"name": t.name, "env": t.env, "path": preps[t.name]["path"], "split": preps[t.name]["split"],
-                      "limit": t.instructions.limit, "options": to_dict(t.options)} for t in c.tasks]
+    rollout_tasks = [EvalTaskConfig(name=t.name, env=t.env, path=preps[t.name]["path"], split=preps[t.name]["split"],
+                                    limit=t.instructions.limit, options=to_dict(t.options)) for t in c.tasks]
     app = None
     with ray_session():
         try:
@@ -256,7 +255,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     table = yield_table(counts)
     stats = {"tasks": counts, "generation": {k: p["generated"] for k, p in preps.items()},
              "skipped": {k: v["skipped"] for k, v in listings.items()}, "outputs": outputs,
-             "teacher": {k: v for k, v in teacher.items() if k != "api_key_env"},
+             "teacher": {k: v for k, v in to_dict(c.teacher).items() if k != "api_key_env"},
              "decontamination": to_dict(c.decontamination), "episodes": os.path.join(out_dir, EPISODES)}
     stats_path = os.path.join(out_dir, "stats.json")
     with open(stats_path, "w", encoding="utf-8") as f:

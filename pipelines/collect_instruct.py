@@ -10,6 +10,7 @@ backend) before use; invalid ones are counted and written, with the reason, to
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 from typing import Any, Dict, List, Optional, Set
 
 from agenttuning.config import ConfigError
+from agenttuning.schema import PolicyConfig
 from pipelines import derive
 from serve.envs import available, canonical
 
@@ -74,7 +76,7 @@ def check_tasks(tasks: Any) -> None:
                               "DBBench jsonl whose tables it reuses")
 
 
-def prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
+def prepare(task: Any, teacher: PolicyConfig, out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     """The task file and split the rollout deployment will load for ``task`` and generation
     counts: ``{"path", "split", "generated": {...}}``."""
     from serve.envs import db_backends
@@ -87,7 +89,7 @@ def prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str])
             db_backends.shutdown_backends()
 
 
-def _prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
+def _prepare(task: Any, teacher: PolicyConfig, out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     ins = task.instructions
     for key in ("source", "path"):
         if ins[key] and not os.path.isfile(ins[key]):
@@ -106,9 +108,10 @@ def _prepare(task: Any, teacher: Dict[str, Any], out_dir: str, exclude: Set[str]
             path = os.path.join(inst_dir, f"{task.name}.json")
             stats = derive.generate_os(path, ins.n, ins.seed, True, opts, exclude)
         return {"path": path, "split": None, "generated": stats}
-    from serve.rollout import OpenAIPolicy
+    from serve.rollout import OpenAIPolicy, PolicySpec
 
-    policy = OpenAIPolicy(dict(teacher, temperature=max(0.7, float(teacher.get("temperature") or 0))))
+    # Diverse candidates: sample at a temperature of at least 0.7.
+    policy = OpenAIPolicy(PolicySpec(dataclasses.replace(teacher, temperature=max(0.7, teacher.temperature))))
     ext = "jsonl" if db else "json"
     path = os.path.join(inst_dir, f"{task.name}.{ext}")
     rejects = os.path.join(inst_dir, f"{task.name}.rejects.jsonl")

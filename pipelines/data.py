@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from pipelines import mixing
 from agenttuning.chat import ChatError, IGNORE_INDEX, labels_from_offsets, load_tokenizer, normalize_messages, render
-from agenttuning.config import ConfigError, SourceConfig, load_config, to_dict
+from agenttuning.config import ConfigError, SourceConfig, load_config, to_dict, to_object
 from agenttuning.sources import SourceError, iter_local, iter_text, read_source, resolve, to_messages
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _check_sources(cfg: DictConfig) -> List[SourceConfig]:
     """Resolve every source before Ray starts: a missing path fails here, naming it."""
     if not cfg.data.sources:
         raise ConfigError("config key 'data.sources': no data sources configured")
-    sources = [SourceConfig(**s) for s in to_dict(cfg.data.sources)]
+    sources = list(to_object(cfg.data.sources))
     for s in sources:
         resolve(s)
     groups = {s.group for s in sources}

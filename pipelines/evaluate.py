@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 
 from pipelines import eval_report as rep
 from pipelines.episodes import EpisodeStore, run_episodes
-from agenttuning.config import to_dict
+from agenttuning.config import to_dict, to_object
+from agenttuning.schema import PolicyConfig
+from serve.rollout import PolicySpec
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model', 'eval', 'serve', 'wandb')  # what `--help` lists
@@ -33,37 +35,35 @@ TRAJECTORIES = "trajectories.jsonl"
 # ----------------------------------------------------------------------------- policies / apps
 
 
-def resolve_policies(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
-    """Policy dicts for the rollout deployment; model policies get their app name and model id."""
-    pols = to_dict(cfg)["eval"]["policies"] or {"model": {"kind": "model"}}
+def resolve_policies(cfg: DictConfig) -> Dict[str, PolicySpec]:
+    """Policies for the rollout deployment; model policies get their checkpoint, app and served id."""
     out = {}
-    for name, p in pols.items():
-        p = dict(p)
-        if p.get("kind", "model") == "model":
-            p.setdefault("model_path", None)
-            p["model_path"] = p["model_path"] or cfg.model.name_or_path
-            p["app_name"] = f"llm-{name}"
-            p["model"] = name  # served under the policy's name
-            p.setdefault("system_prompt", cfg.model.system_prompt)
-            # Count context tokens exactly as the server will (same tokenizer and chat format).
-            p["tokenizer"] = p.get("tokenizer") or p["model_path"]
-            p.setdefault("chat_template", cfg.model.chat_template)
-        out[name] = p
+    for name, p in (to_object(cfg.eval.policies) or {"model": PolicyConfig()}).items():
+        if p.kind != "model":
+            out[name] = PolicySpec(p)
+            continue
+        p.model_path = p.model_path or cfg.model.name_or_path
+        p.model = name  # served under the policy's name
+        # Count context tokens exactly as the server will (same tokenizer and chat format).
+        p.tokenizer = p.tokenizer or p.model_path
+        out[name] = PolicySpec(p, app_name=f"llm-{name}", system_prompt=cfg.model.system_prompt,
+                               chat_template=cfg.model.chat_template)
     return out
 
 
-def deploy(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> List[str]:
+def deploy(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> List[str]:
     """Start the model apps of model policies and the rollout app; returns the app names."""
     from ray import serve
 
-    from serve.app import build_llm_app, build_rollout_app, start_serve
+    from serve.app import build_llm_app, build_rollout_app
+    from serve.lifecycle import start_serve
 
-    start_serve(cfg)
+    start_serve(to_object(cfg.serve))
     apps = []
     for name, p in policies.items():
-        if p["kind"] == "model":
-            serve.run(build_llm_app(cfg, p["model_path"], model_id=name), name=p["app_name"], route_prefix=f"/{name}")
-            apps.append(p["app_name"])
+        if p.config.kind == "model":
+            serve.run(build_llm_app(cfg, p.config.model_path, model_id=name), name=p.app_name, route_prefix=f"/{name}")
+            apps.append(p.app_name)
     serve.run(build_rollout_app(cfg, policies), name=cfg.serve.rollout.app_name, route_prefix=None)
     apps.append(cfg.serve.rollout.app_name)
     return apps
@@ -72,7 +72,7 @@ def deploy(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> List[str]:
 # ----------------------------------------------------------------------------- running
 
 
-def run_agent_tasks(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
+def run_agent_tasks(cfg: DictConfig, policies: Dict[str, PolicySpec], out_dir: str) -> Dict[str, Any]:
     """All episodes of the suite; returns task ids, skipped tasks and failures per task."""
     from ray import serve
 
@@ -107,7 +107,7 @@ def _mc_remote(model_path: str, records: List[Dict[str, Any]], name: str, chat_t
     return score_mc(records, model, tok, name)
 
 
-def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, Dict[str, Any]]:
     """General tasks per policy: {policy: {task: result}}; not applicable ones say why."""
     import ray
     from ray import serve
@@ -121,14 +121,15 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
     mc_task = ray.remote(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus)(_mc_remote)
     tasks = [(g, read_jsonl(g.path, None if g.limit is None else g.limit + g.few_shot)) for g in cfg.eval.general]
 
-    def one_policy(name: str, p: Dict[str, Any]) -> None:
+    def one_policy(name: str, spec: PolicySpec) -> None:
+        p = spec.config
         for g, records in tasks:
-            if p["kind"] == "expert":
+            if p.kind == "expert":
                 out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "the scripted expert has no general ability"}
-            elif g.kind == "mc" and p["kind"] != "model":
+            elif g.kind == "mc" and p.kind != "model":
                 out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "log-likelihood needs local weights"}
             elif g.kind == "mc":
-                out[name][g.name] = ray.get(mc_task.remote(p["model_path"], records, g.name, cfg.model.chat_template))
+                out[name][g.name] = ray.get(mc_task.remote(p.model_path, records, g.name, cfg.model.chat_template))
             else:
                 def generate(messages, _p=name, _max=g.max_tokens):
                     return handle.chat.remote(_p, messages, _max).result()
@@ -148,7 +149,7 @@ def run_general(cfg: DictConfig, policies: Dict[str, Dict[str, Any]]) -> Dict[st
 # ----------------------------------------------------------------------------- report
 
 
-def build_report(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], run: Dict[str, Any],
+def build_report(cfg: DictConfig, policies: Dict[str, PolicySpec], run: Dict[str, Any],
                  general: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
     episodes = EpisodeStore(os.path.join(out_dir, TRAJECTORIES)).load()
     thresholds = {t.name: t.success_threshold for t in cfg.eval.tasks}
@@ -167,7 +168,7 @@ def build_report(cfg: DictConfig, policies: Dict[str, Dict[str, Any]], run: Dict
         for g, res in general.get(p, {}).items():
             tasks[g] = {k: v for k, v in res.items() if k != "predictions"}
         scored = {t: s for t, s in tasks.items() if "not_applicable" not in s}
-        report["policies"][p] = {"kind": policies[p]["kind"], "tasks": tasks,
+        report["policies"][p] = {"kind": str(policies[p].config.kind), "tasks": tasks,
                                  "categories": rep.category_scores(scored, categories, weights, reference)}
     return report
 
@@ -214,7 +215,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     if not cfg.eval.tasks and not cfg.eval.general:
         raise ValueError("config key 'eval.tasks': nothing to evaluate (no tasks and no general tasks)")
     policies = resolve_policies(cfg)
-    if any(p["kind"] == "model" and p["model_path"] == cfg.model.name_or_path for p in policies.values()):
+    if any(p.config.kind == "model" and p.config.model_path == cfg.model.name_or_path for p in policies.values()):
         ensure_model(cfg)
     with ray_session():
         apps = deploy(cfg, policies) if cfg.eval.deploy else []

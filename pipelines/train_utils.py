@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from agenttuning.config import ConfigError
+from agenttuning.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +128,17 @@ def worker_rows(batch: Dict[str, Any], rank: int, micro: int, world: int) -> Dic
 # ----------------------------------------------------------------------------- DeepSpeed
 
 
-def precision(train: Dict[str, Any], use_gpu: bool) -> str:
+def precision(train: TrainConfig, use_gpu: bool) -> str:
     """fp32 on CPU; bf16 on GPU unless the config says otherwise."""
-    p = train["precision"]
+    p = str(train.precision)
     return ("bf16" if use_gpu else "fp32") if p == "auto" else p
 
 
-def deepspeed_config(train: Dict[str, Any], use_gpu: bool, world_size: int) -> Dict[str, Any]:
+def deepspeed_config(train: TrainConfig, use_gpu: bool, world_size: int) -> Dict[str, Any]:
     """DeepSpeed config assembled from our `train` section (see docs/training.md)."""
-    gas = train["global_batch_size"] // (world_size * train["micro_batch_size"])
+    gas = train.global_batch_size // (world_size * train.micro_batch_size)
     prec = precision(train, use_gpu)
-    stage = int(train["zero_stage"])
+    stage = int(train.zero_stage)
     zero: Dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update({"overlap_comm": use_gpu, "contiguous_gradients": True, "reduce_scatter": True})
@@ -148,16 +149,16 @@ def deepspeed_config(train: Dict[str, Any], use_gpu: bool, world_size: int) -> D
             "stage3_prefetch_bucket_size": 5e7,
         })
     for kind in ("optimizer", "param"):
-        dev = train[f"offload_{kind}"]
+        dev = str(getattr(train, f"offload_{kind}"))
         if dev != "none":
             zero[f"offload_{kind}"] = {"device": dev, "pin_memory": True}
             if dev == "nvme":
-                zero[f"offload_{kind}"]["nvme_path"] = train["nvme_path"]
+                zero[f"offload_{kind}"]["nvme_path"] = train.nvme_path
     cfg: Dict[str, Any] = {
-        "train_batch_size": train["global_batch_size"],
-        "train_micro_batch_size_per_gpu": train["micro_batch_size"],
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": train["max_grad_norm"],
+        "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW on CPU
         "bf16": {"enabled": prec == "bf16"},
@@ -168,8 +169,8 @@ def deepspeed_config(train: Dict[str, Any], use_gpu: bool, world_size: int) -> D
     if use_gpu:
         # Fused Adam on GPU; DeepSpeed's CPU Adam when the optimizer state is offloaded.
         cfg["optimizer"] = {"type": "AdamW", "params": {
-            "lr": train["lr"], "betas": list(train["adam_betas"]), "eps": train["adam_eps"],
-            "weight_decay": train["weight_decay"]}}
+            "lr": train.lr, "betas": list(train.adam_betas), "eps": train.adam_eps,
+            "weight_decay": train.weight_decay}}
     return cfg
 
 

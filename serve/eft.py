@@ -27,7 +27,9 @@ import torch
 from omegaconf import DictConfig
 from ray import serve
 
-from agenttuning.config import to_dict
+from agenttuning.config import to_object
+from agenttuning.schema import EFTConfig, ModelConfig, ServeConfig
+from agenttuning.models import load_causal_lm, resolve_device
 from serve.eft_decoding import CausalLM, DecodeParams, DecodeStats, EFTDecoder, EFTModels, check_vocabularies
 from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings, build_openai_app
 
@@ -40,10 +42,10 @@ ROLES = ("large_base", "small_base", "small_ft")
 # ----------------------------------------------------------------------------- loading
 
 
-def model_paths(eft: Dict[str, Any], model: Dict[str, Any]) -> Dict[str, str]:
+def model_paths(eft: EFTConfig, model: ModelConfig) -> Dict[str, str]:
     """Role → path; the small fine-tuned model defaults to ``model.name_or_path``."""
-    paths = {"large_base": eft.get("large_base"), "small_base": eft.get("small_base"),
-             "small_ft": eft.get("small_ft") or model.get("name_or_path")}
+    paths = {"large_base": eft.large_base, "small_base": eft.small_base,
+             "small_ft": eft.small_ft or model.name_or_path}
     missing = [f"eft.{k}" for k, v in paths.items() if not v]
     if missing:
         raise ValueError(f"EFT needs three models; config key(s) not set: {', '.join(missing)}")
@@ -70,27 +72,9 @@ def check_models(paths: Dict[str, str], trust_remote_code: bool = False) -> None
     check_vocabularies(sizes, toks)
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load_lm(path: str, role: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> CausalLM:
-    from transformers import AutoModelForCausalLM
-
-    dev = _device(device)
-    torch_dtype = {"auto": torch.float32 if dev == "cpu" else "auto", "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if dev == "cuda" and torch.cuda.device_count() > 1:
-        # A model given several GPUs (e.g. a 70B base with large_num_gpus: 4) is sharded layer-wise
-        # over all GPUs Ray made visible to this replica.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto",
-                                                     trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code).to(dev)
-    log.info("EFT %s: %s on %s (%d GPUs visible)", role, path, dev, torch.cuda.device_count())
+    model = load_causal_lm(path, dtype, device, trust_remote_code)
+    log.info("EFT %s: %s on %s (%d GPUs visible)", role, path, resolve_device(device), torch.cuda.device_count())
     return CausalLM(model, role)
 
 
@@ -103,21 +87,21 @@ class EFTBackend:
     ``lms`` maps role → a local :class:`CausalLM` or a :class:`RemoteLM` (separate placement).
     """
 
-    def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], lms: Optional[Dict[str, Any]] = None):
+    def __init__(self, eft: EFTConfig, model: ModelConfig, lms: Optional[Dict[str, Any]] = None):
         from agenttuning.chat import load_tokenizer
 
         paths = model_paths(eft, model)
-        trust = bool(model.get("trust_remote_code", False))
+        trust = model.trust_remote_code
         check_models(paths, trust)
-        if eft.get("torch_threads"):
-            torch.set_num_threads(int(eft["torch_threads"]))
+        if eft.torch_threads:
+            torch.set_num_threads(eft.torch_threads)
         if lms is None:
-            lms = {r: load_lm(p, r, eft.get("dtype", "auto"), eft.get("device", "auto"), trust) for r, p in paths.items()}
-        self.decoder = EFTDecoder(EFTModels(**lms), beta=float(eft.get("beta", 1.0)))
-        self.speculative_k = int(eft.get("speculative_k", 0))
+            lms = {r: load_lm(p, r, eft.dtype, eft.device, trust) for r, p in paths.items()}
+        self.decoder = EFTDecoder(EFTModels(**lms), beta=eft.beta)
+        self.speculative_k = eft.speculative_k
         # Prompts are rendered with the fine-tuned model's chat format (it is the one that was tuned).
-        self.tokenizer = load_tokenizer(paths["small_ft"], model.get("chat_template", "llama2"), trust)
-        self.model_id = eft.get("model_id") or (
+        self.tokenizer = load_tokenizer(paths["small_ft"], model.chat_template, trust)
+        self.model_id = eft.model_id or (
             f"eft-{os.path.basename(os.path.normpath(paths['small_ft']))}-on-"
             f"{os.path.basename(os.path.normpath(paths['large_base']))}")
         self.max_model_tokens = self.decoder.max_positions
@@ -156,9 +140,9 @@ class EFTBackend:
                 "acceptance": t.acceptance, "tokens_per_s": t.generated / t.seconds if t.seconds else 0.0}
 
 
-def server_settings(eft: Dict[str, Any], model: Dict[str, Any], s: Dict[str, Any], backend: EFTBackend) -> ServerSettings:
-    return ServerSettings(system_prompt=model.get("system_prompt"), default_max_tokens=s.get("default_max_tokens", 256),
-                          max_model_tokens=backend.max_model_tokens, aliases=list(s.get("aliases", [])))
+def server_settings(model: ModelConfig, s: ServeConfig, backend: EFTBackend) -> ServerSettings:
+    return ServerSettings(system_prompt=model.system_prompt, default_max_tokens=s.default_max_tokens,
+                          max_model_tokens=backend.max_model_tokens, aliases=list(s.aliases))
 
 
 # ----------------------------------------------------------------------------- separate placement
@@ -172,11 +156,11 @@ class EFTModelWorker:
     a client never closed are evicted least-recently-used beyond ``max_sessions``.
     """
 
-    def __init__(self, path: str, role: str, eft: Dict[str, Any], trust_remote_code: bool = False):
-        if eft.get("torch_threads"):
-            torch.set_num_threads(int(eft["torch_threads"]))
-        self.lm = load_lm(path, role, eft.get("dtype", "auto"), eft.get("device", "auto"), trust_remote_code)
-        self.max_sessions = int(eft.get("max_sessions", 64))
+    def __init__(self, path: str, role: str, eft: EFTConfig, trust_remote_code: bool = False):
+        if eft.torch_threads:
+            torch.set_num_threads(eft.torch_threads)
+        self.lm = load_lm(path, role, eft.dtype, eft.device, trust_remote_code)
+        self.max_sessions = eft.max_sessions
         self.sessions: "OrderedDict[str, Any]" = OrderedDict()
         self._lock = threading.Lock()
 
@@ -266,13 +250,13 @@ class RemoteLM:
 class EFTServer(OpenAIDeployment):
     """OpenAI-compatible EFT server (HTTP ingress + ``chat`` method for Serve handles)."""
 
-    async def __init__(self, eft: Dict[str, Any], model: Dict[str, Any], serve_cfg: Dict[str, Any],
+    async def __init__(self, eft: EFTConfig, model: ModelConfig, serve_cfg: ServeConfig,
                        large_base=None, small_base=None, small_ft=None):
         # async: the worker handles must be awaited, a replica constructor runs in the event loop
         handles = {"large_base": large_base, "small_base": small_base, "small_ft": small_ft}
         lms = {r: RemoteLM(h, await h.info.remote()) for r, h in handles.items()} if large_base is not None else None
         self.backend = EFTBackend(eft, model, lms)
-        self.chat_api = OpenAIChat(self.backend, server_settings(eft, model, serve_cfg, self.backend))
+        self.chat_api = OpenAIChat(self.backend, server_settings(model, serve_cfg, self.backend))
 
     def stats(self) -> Dict[str, float]:
         """Totals over served requests: tokens, rounds, drafted/accepted tokens, tokens/s."""
@@ -281,23 +265,22 @@ class EFTServer(OpenAIDeployment):
 
 def build_eft_app(cfg: DictConfig):
     """The EFT application for ``cfg.eft`` (+ ``cfg.model`` chat format, ``cfg.serve`` defaults)."""
-    c = to_dict(cfg)
-    eft, model, s = c["eft"], c["model"], c["serve"]
+    eft, model, s = to_object(cfg.eft), to_object(cfg.model), to_object(cfg.serve)
     paths = model_paths(eft, model)
-    check_models(paths, bool(model.get("trust_remote_code", False)))  # fail here, not in a replica
-    ingress_opts = {"max_ongoing_requests": eft["max_ongoing_requests"],
-                    "ray_actor_options": {"num_cpus": eft["num_cpus"], "num_gpus": eft["num_gpus"]}}
-    if eft["placement"] == "colocated":
+    check_models(paths, model.trust_remote_code)  # fail here, not in a replica
+    ingress_opts = {"max_ongoing_requests": eft.max_ongoing_requests,
+                    "ray_actor_options": {"num_cpus": eft.num_cpus, "num_gpus": eft.num_gpus}}
+    if eft.placement == "colocated":
         return EFTServer.options(**ingress_opts).bind(eft, model, s)
     workers = {}
     for role, path in paths.items():
-        gpus = eft["large_num_gpus"] if role == "large_base" and eft["large_num_gpus"] is not None else eft["num_gpus"]
+        gpus = eft.large_num_gpus if role == "large_base" and eft.large_num_gpus is not None else eft.num_gpus
         workers[role] = EFTModelWorker.options(
-            name=f"EFTModelWorker_{role}", num_replicas=1, max_ongoing_requests=max(16, eft["max_ongoing_requests"] * 4),
-            ray_actor_options={"num_cpus": eft["num_cpus"], "num_gpus": gpus},
-        ).bind(path, role, eft, bool(model.get("trust_remote_code", False)))
+            name=f"EFTModelWorker_{role}", num_replicas=1, max_ongoing_requests=max(16, eft.max_ongoing_requests * 4),
+            ray_actor_options={"num_cpus": eft.num_cpus, "num_gpus": gpus},
+        ).bind(path, role, eft, model.trust_remote_code)
     # The ingress only samples: no GPU, little CPU.
-    ingress_opts["ray_actor_options"] = {"num_cpus": min(eft["num_cpus"], 0.5), "num_gpus": 0}
+    ingress_opts["ray_actor_options"] = {"num_cpus": min(eft.num_cpus, 0.5), "num_gpus": 0}
     return EFTServer.options(**ingress_opts).bind(eft, model, s, **workers)
 
 
@@ -314,39 +297,28 @@ def serve_without_ray(cfg: DictConfig) -> None:
     """``eft.use_ray=false``: the same OpenAI API from this process with plain uvicorn (development)."""
     from serve.openai_api import run_local_server
 
-    c = to_dict(cfg)
-    backend = EFTBackend(c["eft"], c["model"])
-    settings = server_settings(c["eft"], c["model"], c["serve"], backend)
+    backend = EFTBackend(to_object(cfg.eft), to_object(cfg.model))
+    settings = server_settings(to_object(cfg.model), to_object(cfg.serve), backend)
     with run_local_server(build_openai_app(backend, settings), cfg.serve.host, cfg.serve.port) as url:
         print(f"serving EFT model '{backend.model_id}' at {url} (OpenAI-compatible, no Ray)", flush=True)
-        try:
-            while cfg.eft.blocking:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        while cfg.eft.blocking:  # until SIGINT/SIGTERM (agenttuning.cli)
+            time.sleep(3600)
 
 
 def main(cfg: DictConfig) -> None:
-    """`agenttuning eft CONFIG`: deploy the EFT server and serve until interrupted."""
+    """`agenttuning eft CONFIG`: deploy the EFT server and serve until stopped."""
+    from agenttuning.cluster import ray_session
     from agenttuning.models import ensure_model
-    from serve.app import start_serve
+    from serve.lifecycle import serve_until_stopped
 
     if not cfg.eft.small_ft:
         ensure_model(cfg)  # the tiny default small model is built on first use
     if not cfg.eft.use_ray:
         return serve_without_ray(cfg)
-    start_serve(cfg)
-    serve.run(build_eft_app(cfg), name=cfg.eft.app_name, route_prefix=cfg.eft.route_prefix)
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.eft.route_prefix.rstrip('/')}/v1"
-    print(f"serving EFT (large base {cfg.eft.large_base}, beta {cfg.eft.beta}, k {cfg.eft.speculative_k}, "
-          f"{cfg.eft.placement}) at {url} (OpenAI-compatible; app '{cfg.eft.app_name}')")
-    if not cfg.eft.blocking:
-        return
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(cfg.eft.app_name)
+    e = cfg.eft
+    what = f"EFT (large base {e.large_base}, beta {e.beta}, k {e.speculative_k}, {e.placement}; OpenAI API under /v1)"
+    with ray_session():
+        serve_until_stopped(to_object(cfg.serve), [(build_eft_app(cfg), e.app_name, e.route_prefix, what)], e.blocking)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from agenttuning.models import nucleus
+
 log = logging.getLogger(__name__)
 
 
@@ -166,14 +168,7 @@ def sampling_probs(logprobs: torch.Tensor, temperature: float, top_p: float) -> 
     Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (the token that
     crosses the threshold is kept), then renormalises. Only for temperature > 0.
     """
-    probs = torch.softmax(logprobs / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-    sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    return nucleus(torch.softmax(logprobs / temperature, dim=-1), top_p)
 
 
 @dataclass

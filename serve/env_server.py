@@ -40,7 +40,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import RequestRouter
 
+from agenttuning.config import to_object
+from agenttuning.schema import EnvsConfig, EnvSpec
 from serve.envs import EnvError, EpisodeOver, TaskSetupError, UnknownTask, load
+from serve.lifecycle import placement, serve_until_stopped
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('envs',)  # what `--help` lists
@@ -71,19 +74,19 @@ class _Session:
 class SessionManager:
     """Sessions of one replica (plain Python: usable without Serve, and unit-testable)."""
 
-    def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
+    def __init__(self, envs: Dict[str, Union[EnvSpec, Dict[str, Any]]], max_sessions: int = 64,
                  idle_timeout_s: float = 600.0, tag: Optional[str] = None) -> None:
-        """``envs``: served name -> {"env": registry name (default: the served name),
-        "path": task file or None, "options": {...}}. ``tag`` names this replica inside every
-        session id (the Serve replica id, so the request router can find the session's replica)."""
+        """``envs``: served name -> its EnvSpec (registry name, default the served name; task file;
+        options). ``tag`` names this replica inside every session id (the Serve replica id, so the
+        request router can find the session's replica)."""
         self.tag = tag or secrets.token_hex(4)
         self.max_sessions, self.idle_timeout_s = int(max_sessions), float(idle_timeout_s)
         self.envs: Dict[str, Any] = {}
         self.errors: Dict[str, str] = {}
         for name, spec in envs.items():
-            spec = dict(spec or {})
+            spec = EnvSpec(**spec) if isinstance(spec, dict) else spec  # outside callers may pass plain dicts
             try:
-                self.envs[name] = load(spec.get("env") or name, spec.get("path"), **dict(spec.get("options") or {}))
+                self.envs[name] = load(spec.env or name, spec.path, **dict(spec.options))
             except Exception as exc:  # noqa: BLE001 — one broken env must not take the others down
                 log.error("env %s unavailable: %s", name, exc)
                 self.errors[name] = f"{type(exc).__name__}: {exc}"
@@ -273,7 +276,7 @@ class SessionRouter(RequestRouter):
 class EnvServer:
     """Serve deployment hosting environment sessions (see module docstring)."""
 
-    def __init__(self, envs: Dict[str, Dict[str, Any]], max_sessions: int = 64,
+    def __init__(self, envs: Dict[str, Union[EnvSpec, Dict[str, Any]]], max_sessions: int = 64,
                  idle_timeout_s: float = 600.0, reap_every_s: float = 5.0) -> None:
         try:
             tag = serve.get_replica_context().replica_id.unique_id
@@ -338,46 +341,22 @@ class EnvServer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def build_env_app(envs_cfg: Dict[str, Any]):
-    """The env server application from the ``envs`` config section (a plain dict)."""
-    srv = envs_cfg.get("server", {})
-    opts: Dict[str, Any] = {
-        "max_ongoing_requests": srv.get("max_ongoing_requests", 256),
-        "ray_actor_options": {"num_cpus": srv.get("num_cpus", 1.0)},
-    }
-    auto = srv.get("autoscaling")
-    if auto and auto.get("max_replicas", 1) > auto.get("min_replicas", 1):
-        opts["autoscaling_config"] = dict(auto)
-    else:
-        opts["num_replicas"] = srv.get("num_replicas", 1)
-    specs = {name: spec for name, spec in (envs_cfg.get("tasks") or {}).items()
-             if spec is None or spec.get("enabled", True)}
-    specs = {n: {k: v for k, v in (s or {}).items() if k != "enabled"} for n, s in specs.items()}
-    return EnvServer.options(**opts).bind(specs, srv.get("max_sessions", 64),
-                                          srv.get("idle_timeout_s", 600.0))
+def build_env_app(envs: EnvsConfig):
+    """The env server application from the ``envs`` config section."""
+    srv = envs.server
+    opts = placement(srv.num_replicas, srv.autoscaling, srv.max_ongoing_requests, srv.num_cpus)
+    specs = {name: spec for name, spec in envs.tasks.items() if spec.enabled}
+    return EnvServer.options(**opts).bind(specs, srv.max_sessions, srv.idle_timeout_s)
 
 
 def main(cfg) -> None:
-    """``python -m serve.env_server CONFIG``: serve the environments until interrupted."""
-    import os
+    """``agenttuning envs CONFIG``: serve the environments until stopped."""
+    from agenttuning.cluster import ray_session
 
-    import ray
-
-    from agenttuning.config import to_dict
-
-    c = to_dict(cfg)["envs"]
-    srv = c.get("server", {})
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-    serve.start(http_options={"host": srv.get("host", "127.0.0.1"), "port": srv.get("port", 8000)})
-    serve.run(build_env_app(c), name="envs", route_prefix=srv.get("route_prefix", "/"))
-    url = f"http://{srv.get('host', '127.0.0.1')}:{srv.get('port', 8000)}{srv.get('route_prefix', '/').rstrip('/')}"
-    print(f"environment server: {url}/envs  (Ctrl-C stops it)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    envs = to_object(cfg.envs)
+    with ray_session():
+        serve_until_stopped(to_object(cfg.serve), [(build_env_app(envs), "envs", envs.server.route_prefix,
+                                                    f"environments {sorted(envs.tasks)} (GET /envs)")])
 
 
 if __name__ == "__main__":

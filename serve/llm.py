@@ -23,6 +23,8 @@ from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 from ray import serve
 
+from agenttuning.models import load_causal_lm, nucleus, resolve_device
+from agenttuning.schema import ModelConfig, ServeConfig
 from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -238,23 +240,11 @@ def _sample(torch, logits, params: SamplingParams, generator) -> int:
     """Greedy at temperature 0, else temperature + nucleus (top_p) sampling. logits: [V]."""
     if params.greedy:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < params.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    probs = nucleus(torch.softmax(logits / params.temperature, dim=-1), params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 # ----------------------------------------------------------------------------- backends
-
-
-def _resolve_dtype(torch, name: str, device: str):
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
 
 
 class HFBackend:
@@ -264,19 +254,15 @@ class HFBackend:
                  dtype: str = "auto", device: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.005,
                  trust_remote_code: bool = False, torch_threads: Optional[int] = None):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from agenttuning.chat import load_tokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         self.model_id = model_id or os.path.basename(os.path.normpath(name_or_path))
         self.tokenizer = load_tokenizer(name_or_path, chat_template, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=_resolve_dtype(torch, dtype, device), trust_remote_code=trust_remote_code
-        ).to(device).eval()
+        self.model = load_causal_lm(name_or_path, dtype, device, trust_remote_code)
         self.max_model_tokens = getattr(self.model.config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -335,26 +321,25 @@ class VLLMBackend:
             await self.engine.abort(rid)
 
 
-def make_backend(s: Dict[str, Any], model: Dict[str, Any]) -> Any:
-    """Backend from the ``serve`` and ``model`` config sections (plain dicts)."""
-    choice = s.get("backend", "hf")
+def make_backend(s: ServeConfig, model: ModelConfig) -> Any:
+    """Backend from the ``serve`` and ``model`` config sections."""
+    choice = s.backend
     if choice == "auto":
         import torch
 
         choice = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
-    common = dict(name_or_path=model["name_or_path"], model_id=s.get("model_id"),
-                  chat_template=model.get("chat_template", "llama2"), dtype=model.get("dtype", "auto"),
-                  trust_remote_code=model.get("trust_remote_code", False))
+    common = dict(name_or_path=model.name_or_path, model_id=s.model_id, chat_template=model.chat_template,
+                  dtype=str(model.dtype), trust_remote_code=model.trust_remote_code)
     if choice == "vllm":
-        return VLLMBackend(**common, tensor_parallel_size=s.get("tensor_parallel_size", 1))
-    return HFBackend(**common, device=s.get("device", "auto"), max_batch_size=s.get("max_batch_size", 8),
-                     batch_wait_s=s.get("batch_wait_s", 0.005), torch_threads=s.get("torch_threads"))
+        return VLLMBackend(**common, tensor_parallel_size=s.tensor_parallel_size)
+    return HFBackend(**common, device=str(s.device), max_batch_size=s.max_batch_size,
+                     batch_wait_s=s.batch_wait_s, torch_threads=s.torch_threads)
 
 
-def server_settings(s: Dict[str, Any], model: Dict[str, Any], backend: Any) -> ServerSettings:
-    max_tokens = s.get("max_model_tokens") or getattr(backend, "max_model_tokens", None)
-    return ServerSettings(system_prompt=model.get("system_prompt"), default_max_tokens=s.get("default_max_tokens", 256),
-                          max_model_tokens=max_tokens, aliases=list(s.get("aliases", [])))
+def server_settings(s: ServeConfig, model: ModelConfig, backend: Any) -> ServerSettings:
+    return ServerSettings(system_prompt=model.system_prompt, default_max_tokens=s.default_max_tokens,
+                          max_model_tokens=s.max_model_tokens or getattr(backend, "max_model_tokens", None),
+                          aliases=list(s.aliases))
 
 
 @serve.deployment(name="LLMServer")
@@ -362,6 +347,6 @@ def server_settings(s: Dict[str, Any], model: Dict[str, Any], backend: Any) -> S
 class LLMServer(OpenAIDeployment):
     """OpenAI-compatible model server (HTTP ingress + ``chat`` method for Serve handles)."""
 
-    def __init__(self, serve_cfg: Dict[str, Any], model_cfg: Dict[str, Any]):
+    def __init__(self, serve_cfg: ServeConfig, model_cfg: ModelConfig):
         self.backend = make_backend(serve_cfg, model_cfg)
         self.chat_api = OpenAIChat(self.backend, server_settings(serve_cfg, model_cfg, self.backend))

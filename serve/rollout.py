@@ -25,9 +25,12 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ray import serve
+
+from agenttuning.schema import EvalTaskConfig, PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,37 +78,44 @@ def fit_context(messages: List[Dict[str, Any]], n_open: int, limit: Optional[int
 # ----------------------------------------------------------------------------- policies
 
 
+@dataclass
+class PolicySpec:
+    """A policy as the rollout deployment runs it: its config plus what the job resolved for it."""
+
+    config: PolicyConfig
+    app_name: Optional[str] = None  # kind=model: the Serve app of its model server
+    system_prompt: Optional[str] = None  # kind=model: part of every prompt (counted for the context)
+    chat_template: str = "llama2"  # how `config.tokenizer` renders a conversation when counting tokens
+
+
 class ChatPolicy:
     """Base of the policies that query a chat model; subclasses implement ``_complete``."""
 
-    def __init__(self, cfg: Dict[str, Any]):
-        self.cfg = cfg
-        self.context_limit: Optional[int] = cfg.get("context_limit")
-        self.context_policy = cfg.get("context_policy", "truncate")
+    def __init__(self, spec: PolicySpec):
+        self.spec, self.cfg = spec, spec.config
+        self.model_name = self.cfg.model or ""
         self._tok = None
-        if cfg.get("tokenizer") and self.context_limit is not None:  # only needed to count tokens
+        if self.cfg.tokenizer and self.cfg.context_limit is not None:  # only needed to count tokens
             from agenttuning.chat import load_tokenizer
 
-            self._tok = load_tokenizer(cfg["tokenizer"], cfg.get("chat_template", "llama2"))
+            self._tok = load_tokenizer(self.cfg.tokenizer, spec.chat_template)
 
     def count(self, messages: List[Dict[str, Any]]) -> int:
         if self._tok is not None:
             from agenttuning.chat import prompt_ids
 
-            return len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt"))) + int(self.cfg.get("max_tokens", 512))
-        return sum(_approx_tokens(m["content"]) + 4 for m in messages) + int(self.cfg.get("max_tokens", 512))
+            return len(prompt_ids(self._tok, messages, self.spec.system_prompt)) + self.cfg.max_tokens
+        return sum(_approx_tokens(m["content"]) + 4 for m in messages) + self.cfg.max_tokens
 
     def body(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> Dict[str, Any]:
-        max_tokens = max_tokens or int(self.cfg.get("max_tokens", 512))
-        return {"model": self.cfg.get("model") or "", "messages": messages, "max_tokens": max_tokens,
-                "temperature": float(self.cfg.get("temperature", 0.0)), "top_p": float(self.cfg.get("top_p", 1.0)),
-                "stop": list(self.cfg.get("stop") or []) or None}
+        return {"model": self.model_name, "messages": messages, "max_tokens": max_tokens or self.cfg.max_tokens,
+                "temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "stop": list(self.cfg.stop) or None}
 
     async def act(self, history: List[Dict[str, Any]], n_open: int) -> Tuple[str, Dict[str, Any]]:
         """(action text, info) for the conversation; raises ContextLimit."""
         msgs = [{"role": m["role"], "content": m["content"]} for m in history]
-        limit = self.context_limit
-        if self.context_policy == "end":
+        limit = self.cfg.context_limit
+        if self.cfg.context_policy == "end":
             if limit is not None and self.count(msgs) > limit:
                 raise ContextLimit(f"prompt needs more than {limit} tokens")
         else:
@@ -127,7 +137,7 @@ class ChatPolicy:
         if self._tok is not None:
             from agenttuning.chat import prompt_ids
 
-            prompt = len(prompt_ids(self._tok, messages, self.cfg.get("system_prompt")))
+            prompt = len(prompt_ids(self._tok, messages, self.spec.system_prompt))
             completion = len(self._tok(text, add_special_tokens=False)["input_ids"])
         else:
             prompt = sum(_approx_tokens(m["content"]) + 4 for m in messages)
@@ -148,9 +158,9 @@ def _raise_for_error(resp: Dict[str, Any]) -> None:
 class DeploymentPolicy(ChatPolicy):
     """Our model deployment, through its Serve handle (no HTTP hop inside the cluster)."""
 
-    def __init__(self, cfg: Dict[str, Any]):
-        super().__init__(cfg)
-        self.handle = serve.get_deployment_handle(cfg.get("deployment", "LLMServer"), app_name=cfg["app_name"])
+    def __init__(self, spec: PolicySpec):
+        super().__init__(spec)
+        self.handle = serve.get_deployment_handle("LLMServer", app_name=spec.app_name)
 
     async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
         return (await self._complete_usage(messages, max_tokens))[0]
@@ -159,8 +169,7 @@ class DeploymentPolicy(ChatPolicy):
                               max_tokens: Optional[int] = None) -> Tuple[str, Dict[str, int]]:
         body = self.body(messages, max_tokens)
         if not body["model"]:
-            body["model"] = await self.handle.model_id.remote()
-            self.cfg["model"] = body["model"]
+            body["model"] = self.model_name = await self.handle.model_id.remote()
         resp = await self.handle.chat.remote(body)
         _raise_for_error(resp)
         text = resp["choices"][0]["message"]["content"]
@@ -179,19 +188,17 @@ class OpenAIPolicy(ChatPolicy):
     per attempt, capped at ``backoff_max_s``); then, or at once for other 4xx, TeacherError.
     """
 
-    def __init__(self, cfg: Dict[str, Any]):
-        super().__init__(cfg)
+    def __init__(self, spec: PolicySpec):
+        super().__init__(spec)
         import openai
 
-        if not cfg.get("base_url") or not cfg.get("model"):
+        cfg = self.cfg
+        if not cfg.base_url or not cfg.model:
             raise ValueError("an openai policy needs 'base_url' and 'model'")
-        key = os.environ.get(cfg.get("api_key_env") or "OPENAI_API_KEY", "EMPTY")
+        key = os.environ.get(cfg.api_key_env or "OPENAI_API_KEY", "EMPTY")
         # The client's own retries are off: ours count malformed replies too and use jitter.
-        self.client = openai.AsyncOpenAI(base_url=cfg["base_url"], api_key=key,
-                                         timeout=float(cfg.get("timeout_s", 300)), max_retries=0)
-        self.max_retries = int(cfg.get("max_retries", 2))
-        self.backoff_s = float(cfg.get("backoff_s", 1.0))
-        self.backoff_max_s = float(cfg.get("backoff_max_s", 60.0))
+        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
+        self.max_retries, self.backoff_s, self.backoff_max_s = cfg.max_retries, cfg.backoff_s, cfg.backoff_max_s
         self.retries = 0  # transient failures retried by this policy object (all episodes)
         self._openai = openai
 
@@ -247,19 +254,13 @@ class OpenAIPolicy(ChatPolicy):
 class ExpertPolicy:
     """The environment's scripted expert; needs the live environment object."""
 
-    def __init__(self, cfg: Dict[str, Any]):
-        self.cfg = cfg
+    def __init__(self, spec: PolicySpec):
+        self.spec = spec
 
 
-def make_policy(cfg: Dict[str, Any]):
-    kind = cfg.get("kind", "model")
-    if kind == "expert":
-        return ExpertPolicy(cfg)
-    if kind == "openai":
-        return OpenAIPolicy(cfg)
-    if kind == "model":
-        return DeploymentPolicy(cfg)
-    raise ValueError(f"unknown policy kind {kind!r}; expected model, openai or expert")
+def make_policy(spec: PolicySpec):
+    """The policy object for ``spec.config.kind`` (model | openai | expert)."""
+    return {"expert": ExpertPolicy, "openai": OpenAIPolicy, "model": DeploymentPolicy}[str(spec.config.kind)](spec)
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -304,7 +305,7 @@ async def play(env: Any, task_id: str, policy: Any,
                 action = await asyncio.to_thread(env.expert_action)
             else:
                 try:
-                    action, pinfo = await policy.act(env.history, n_open)
+                    action, pinfo = await policy.act(env.prompt_view(n_open), n_open)
                     for k, v in pinfo.get("usage", {}).items():
                         usage[k] = usage.get(k, 0) + int(v)
                     usage["calls"] += 1
@@ -333,8 +334,8 @@ async def play(env: Any, task_id: str, policy: Any,
 class RolloutServer:
     """Runs episodes for configured tasks (environments) and policies; one env copy per episode."""
 
-    def __init__(self, tasks: List[Dict[str, Any]], policies: Dict[str, Dict[str, Any]]):
-        self.task_cfgs = {t["name"]: t for t in tasks}
+    def __init__(self, tasks: List[EvalTaskConfig], policies: Dict[str, PolicySpec]):
+        self.task_cfgs = {t.name: t for t in tasks}
         self.policy_cfgs = policies
         self._envs: Dict[str, Any] = {}
         self._policies: Dict[str, Any] = {}
@@ -346,23 +347,23 @@ class RolloutServer:
             from serve.envs import load
 
             t = self.task_cfgs[task]
-            self._envs[task] = load(t["env"], t.get("path"), **dict(t.get("options") or {}))
+            self._envs[task] = load(t.env, t.path, **dict(t.options))
         return self._envs[task]
 
     def _policy(self, name: str):
         if name not in self._policies:
             if name not in self.policy_cfgs:
                 raise KeyError(f"unknown policy {name!r}; configured: {sorted(self.policy_cfgs)}")
-            self._policies[name] = make_policy(dict(self.policy_cfgs[name]))
+            self._policies[name] = make_policy(self.policy_cfgs[name])
         return self._policies[name]
 
     async def task_ids(self, task: str) -> Dict[str, Any]:
         """Runnable task ids of a configured task (its split/limit applied) and skipped ones."""
         env = await asyncio.to_thread(self._env, task)
         t = self.task_cfgs[task]
-        ids = env.tasks(t.get("split"))
-        if t.get("limit"):
-            ids = ids[: int(t["limit"])]
+        ids = env.tasks(t.split)
+        if t.limit:
+            ids = ids[: t.limit]
         return {"ids": ids, "skipped": dict(env.skipped)}
 
     async def run(self, task: str, task_id: str, policy: str,
@@ -372,7 +373,7 @@ class RolloutServer:
         base = await asyncio.to_thread(self._env, task)
         env = base.spawn()
         rec = await play(env, task_id, self._policy(policy), demo)
-        rec.update({"id": f"{task}_{task_id}", "task": task, "env": self.task_cfgs[task]["env"], "policy": policy})
+        rec.update({"id": f"{task}_{task_id}", "task": task, "env": self.task_cfgs[task].env, "policy": policy})
         return rec
 
     async def chat(self, policy: str, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:

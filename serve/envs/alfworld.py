@@ -1,23 +1,40 @@
 """ALFWorld (held-in) on AgentBench.old's protocol, played offline with ``alfworld`` + ``textworld``.
 
 Task file (``path``), any of:
-* a split JSON like AgentBench's ``dev.json`` (``{task_type: [game paths]}``) or
+* a split JSON like AgentBench's ``dev.json`` / ``std.json`` (``{task_type: [game paths]}``) or
   ``{"train": [game paths]}`` — paths relative to the JSON's folder or to ``games_root``;
 * a folder (e.g. a full ALFWorld download's ``json_2.1.1/valid_unseen``): every
   ``game.tw-pddl`` below it;
 * one ``game.tw-pddl`` file.
-Default: ``alfworld/agentbench_dev.json`` (AgentBench's 20 dev games).
+Default: ``alfworld/agentbench_dev.json`` (AgentBench's 20 dev games); the paper's held-in set is
+``alfworld/agentbench_std.json`` (50 games).
 
-Protocol (AgentBench.old ``src/tasks/alfworld``): the instruction, the agent's "OK", then the
-one-shot ReAct demonstration for the game's task type (``alfworld_multiturn_react.json``,
-demonstration turns carry ``loss: false``), then ``"Here is your task. " + observation``.
-Agent turns are ``THOUGHT: ...\\n ACTION: <command>`` or ``ACTION: <command>``. The command is
-mapped to an admissible one as AgentBench does (exact match, else the admissible command with
-the highest BLEU score); additionally ``put X in/on Y`` (the demonstrations' wording, from older
-ALFWorld grammars) is rewritten to this grammar's ``move X to Y``. A turn without ``ACTION:`` or
-with a command that maps to nothing gets the game's own ``Nothing happens.`` and is marked
-``info["invalid"]``; the episode goes on, as in AgentBench. 35 turns at most; reward 1 if won.
-The scripted expert replays the game file's ``walkthrough``.
+Protocol (THUDM/AgentTuning ``AgentBench.old/src/tasks/alfworld``: ``task.py``, ``utils.py``):
+the instruction, the agent's "OK", the one-shot ReAct demonstration for the game's task type
+(``alfworld_multiturn_react.json``, demonstration turns carry ``loss: false``), then
+``"Here is your task. " + observation``. Each reply becomes one game command the way
+AgentBench's ``process_action`` makes it:
+
+* the text after the first ``ACTION:`` — or, when there is none, the whole reply — lowercased,
+  first line only;
+* kept if it is an admissible command, else replaced by the admissible command with the highest
+  sentence BLEU (nltk 3.8's ``sentence_bleu`` with smoothing method 4, re-implemented in
+  :func:`bleu`) when that score is above 0.01, else sent as it is;
+* sent to the game, which answers ``Nothing happens.`` to anything it cannot do. Such a turn
+  is marked ``info["invalid"]`` (``invalid_format`` when the reply had no ``ACTION:``,
+  ``invalid_action`` otherwise) and counted, but, as in AgentBench, it never ends the episode.
+
+The episode ends when the game is won or lost (reward 1 if won), when the last three replies
+are identical after more than three turns (AgentBench's repetition rule: reward 0, status
+``repetition``), or after 35 turns (AgentBench's ``max_step``).
+
+The game files shipped here (ALFWorld's current ``json_2.1.1`` release) use a newer grammar than
+the files AgentBench ran: ``move X to Y`` for ``put X in/on Y`` and ``You arrive at Y.`` in
+front of what the agent sees at a receptacle. The environment shows the agent AgentBench's
+wording (the one its demonstrations and AgentInstruct use): commands are matched in the
+``put X in/on Y`` form, ``You move the X to the Y.`` reads ``You put the X in/on the Y.``, and
+the arrival sentence is dropped, as AgentBench's ``process_ob`` dropped ``You arrive at loc N.``
+The scripted expert replays the game file's ``walkthrough`` in that wording.
 """
 
 from __future__ import annotations
@@ -32,14 +49,13 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 from serve.envs.pool import BackendPool, PooledBackendMixin
-from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, data_file, read_json, register
+from serve.envs.base import Env, EnvError, Status, StepResult, Task, data_file, read_json, register
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "alfworld/agentbench_dev.json"
 DEFAULT_PROMPTS = "agentbench/alfworld_prompts/alfworld_multiturn_react.json"
-NOTHING = "Nothing happens."
-SPLIT_NAMES = ("train", "dev", "test", "valid_seen", "valid_unseen", "valid_train")
+SPLIT_NAMES = ("train", "dev", "std", "test", "valid_seen", "valid_unseen", "valid_train")
 
 # Game folder prefix -> key of the demonstration in the prompts file (AgentBench's table).
 PROMPT_KEYS = {
@@ -75,48 +91,68 @@ ACK = "OK. I'll follow your instructions and try my best to solve the task."
 # scale out with more replicas (processes).
 _TEXTWORLD_LOCK = threading.Lock()
 _ACTION = re.compile(r"ACTION:(.*)")
-_PUT = re.compile(r"^put (.+?) (?:in/on|in|on|into|onto) (.+)$")
+_MOVE = re.compile(r"^move (.+) to (.+)$")
+_MOVED = re.compile(r"^You move the (.+?) to the (.+?)\.$")
 
 
 # ---------------------------------------------------------------------- action mapping
 
 
 def bleu(reference: str, candidate: str, max_n: int = 4) -> float:
-    """Sentence BLEU-n of whitespace tokens; zero n-gram counts (n > 1) smoothed with epsilon 0.1.
+    """Sentence BLEU-4 of whitespace tokens as AgentBench computes it (nltk 3.8's
+    ``sentence_bleu`` with ``SmoothingFunction().method4``, uniform weights).
 
-    Like nltk's ``sentence_bleu`` (AgentBench's scorer), no shared word at all scores 0.
+    No shared word scores 0; an n-gram order without a match gets the count
+    ``1 / (2**k * 5 / ln(len(candidate)))`` (k counts such orders), except for a one-word
+    candidate, whose empty orders are left out of the mean.
     """
     ref, cand = reference.split(), candidate.split()
-    if not cand or not ref or not set(cand) & set(ref):
+    if not cand:
         return 0.0
-    log_sum = 0.0
+    precisions = []
     for n in range(1, max_n + 1):
         c_grams = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
         r_grams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-        total = max(sum(c_grams.values()), 1)
-        hits = sum((c_grams & r_grams).values())
-        log_sum += math.log((hits if hits else 0.1) / total) / max_n
+        precisions.append((sum((c_grams & r_grams).values()), max(1, sum(c_grams.values()))))
+    if precisions[0][0] == 0:
+        return 0.0
+    k, log_sum = 1, 0.0
+    for hits, total in precisions:
+        if hits == 0:
+            if len(cand) <= 1:
+                continue  # nltk skips a zero precision it could not smooth
+            hits_f = 1 / (2 ** k * 5 / math.log(len(cand)))
+            k += 1
+        else:
+            hits_f = hits
+        log_sum += math.log(hits_f / total) / max_n
     brevity = 1.0 if len(cand) > len(ref) else math.exp(1 - len(ref) / len(cand))
     return brevity * math.exp(log_sum)
 
 
-def map_action(text: str, admissible: Sequence[str], limit: float = 0.01) -> Optional[str]:
-    """AgentBench's ``process_action``: the command after ``ACTION:``, snapped to an admissible one.
+def old_form(command: str) -> str:
+    """A command in the grammar AgentBench's games used (``move X to Y`` → ``put X in/on Y``)."""
+    m = _MOVE.match(command)
+    return f"put {m.group(1)} in/on {m.group(2)}" if m else command
 
-    Returns None when the text has no ``ACTION:``; the raw command when nothing scores above
-    ``limit`` (the game then answers "Nothing happens.").
+
+def map_action(text: str, admissible: Sequence[str], limit: float = 0.01) -> str:
+    """AgentBench's ``process_action``: the command the reply stands for.
+
+    The text after ``ACTION:`` (the whole reply if there is none), lowercased, first line;
+    an admissible command if it is one (in AgentBench's wording ``put X in/on Y`` or this
+    grammar's ``move X to Y``), else the admissible command with the highest :func:`bleu`
+    above ``limit``, else the text itself (the game then says "Nothing happens.").
     """
     match = _ACTION.search(text)
-    if not match:
-        return None
-    command = match.group(1).strip().lower().split("\n")[0].strip()
+    command = (match.group(1) if match else text).strip().lower().split("\n")[0]
     if not admissible or command in admissible:
         return command
-    put = _PUT.match(command)
-    if put and f"move {put.group(1)} to {put.group(2)}" in admissible:
-        return f"move {put.group(1)} to {put.group(2)}"
-    scores = [bleu(choice, command) for choice in admissible]
-    best = max(range(len(scores)), key=scores.__getitem__)
+    forms = [old_form(c) for c in admissible]  # scored as AgentBench scored its own wording
+    if command in forms:
+        return admissible[forms.index(command)]
+    scores = [bleu(form, command) for form in forms]
+    best = max(range(len(scores)), key=scores.__getitem__)  # first of equals, like np.argmax
     return admissible[best] if scores[best] > limit else command
 
 
@@ -129,10 +165,10 @@ def _solvable(game: str) -> bool:
 
 
 def _process_observation(obs: str) -> str:
-    # AgentBench drops the "You arrive at loc N. " prefix of older grammars.
-    if obs.startswith("You arrive at loc "):
-        obs = obs[obs.find(". ") + 2:]
-    return obs
+    """The game's text in the wording AgentBench's games used (see the module docstring)."""
+    if obs.startswith("You arrive at ") and ". " in obs:
+        obs = obs[obs.find(". ") + 2:]  # AgentBench's process_ob cut "You arrive at loc N. "
+    return _MOVED.sub(r"You put the \1 in/on the \2.", obs)
 
 
 # ---------------------------------------------------------------------- environment
@@ -153,6 +189,8 @@ class AlfWorldEnv(PooledBackendMixin, Env):
         self.prompts = self._load_prompts(prompts_path or data_file(DEFAULT_PROMPTS))
         # AgentBench never ends an episode on a bad command: the game answers "Nothing happens."
         options.setdefault("max_invalid", options.get("max_turns") or self.default_max_turns)
+        # AgentBench's own repetition rule (three identical replies after turn three) is in act().
+        options.setdefault("repetition_k", 0)
         self.pool: BackendPool = BackendPool("alfworld", self._new_engine, lambda e: e.close(),
                                              max_size=int(max_engines))
         super().__init__(path, **options)
@@ -200,11 +238,15 @@ class AlfWorldEnv(PooledBackendMixin, Env):
         if not isinstance(spec, dict):
             raise EnvError(f"alfworld: {path} must map a split or task type to a list of game paths")
         root = self.games_root or os.path.dirname(os.path.abspath(path))
+        # A file keyed by task type (AgentBench's dev.json / std.json) is one split, named
+        # after the file when its name ends with one (agentbench_std.json -> "std").
+        stem = os.path.splitext(os.path.basename(path))[0].lower()
+        named = next((n for n in SPLIT_NAMES if stem == n or stem.endswith("_" + n)), "dev")
         games = []
         for key, files in spec.items():
             if not isinstance(files, list):
                 raise EnvError(f"alfworld: {path}: key {key!r} must hold a list of game paths")
-            split = self.default_split or (key if key in SPLIT_NAMES else "dev")
+            split = self.default_split or (key if key in SPLIT_NAMES else named)
             games += [(os.path.join(root, str(f)), split) for f in files]
         return games
 
@@ -229,6 +271,7 @@ class AlfWorldEnv(PooledBackendMixin, Env):
             engine.load(task.data["game"])
             state = engine.reset()
         self.admissible: List[str] = list(state["admissible_commands"])
+        self._replies: List[str] = []  # the agent's raw replies (AgentBench's repetition rule)
         with open(task.data["game"], encoding="utf-8") as fh:
             self._walkthrough = list(json.load(fh).get("walkthrough") or [])
         # Opening text "-= Welcome ... =-\n\n<room>\n\n<task>": AgentBench keeps all but the banner.
@@ -248,19 +291,30 @@ class AlfWorldEnv(PooledBackendMixin, Env):
 
     def act(self, action: str) -> StepResult:
         command = map_action(action, self.admissible)
-        if command is None:
-            raise InvalidFormat(NOTHING)
+        invalid = None
         if command not in self.admissible:
-            raise InvalidAction(NOTHING)
-        with _TEXTWORLD_LOCK:
+            invalid = Status.INVALID_ACTION if _ACTION.search(action) else Status.INVALID_FORMAT
+        with _TEXTWORLD_LOCK:  # every command goes to the game, as in AgentBench
             state, _, done = self._backend.step(command)
         self.admissible = list(state["admissible_commands"])
         won = bool(state["won"])
-        return StepResult(_process_observation(state.feedback), reward=float(won), done=bool(done or won),
-                          info={"command": command, "won": won, "admissible_commands": self.admissible})
+        info: Dict[str, Any] = {"command": command, "won": won, "admissible_commands": self.admissible}
+        result = StepResult(_process_observation(state.feedback), reward=float(won), done=bool(done or won),
+                            info=info)
+        self._replies.append(action)
+        if len(self._replies) > 3 and len(set(self._replies[-3:])) == 1:
+            # AgentBench: three identical replies in a row (checked after the step) fail the game.
+            result.reward, result.done, result.status = 0.0, True, Status.REPETITION
+        elif invalid is not None:
+            self.invalid += 1
+            info["invalid"] = invalid.value
+            if self.invalid > self.max_invalid and not result.done:
+                result.done, result.status = True, invalid
+        return result
 
     def expert_action(self) -> str:
-        """The next command of the game's walkthrough (then 'look' if the walkthrough ran out)."""
+        """The next command of the game's walkthrough (then 'look' if the walkthrough ran out),
+        in AgentBench's wording."""
         step = self.turns
         command = self._walkthrough[step] if step < len(self._walkthrough) else "look"
-        return f"ACTION: {command}"
+        return f"ACTION: {old_form(command)}"

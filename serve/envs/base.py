@@ -45,7 +45,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type
 
 from agenttuning import paths
 
@@ -173,6 +173,11 @@ class Env(ABC):
     episode_attrs: Tuple[str, ...] = ()
     default_max_turns: int = 10
     default_max_observation_chars: Optional[int] = None
+    # The task's reported metric (evaluation reports print it beside the paper's column), and how
+    # much history a policy sees: None = the whole conversation; k = the opening turns plus the
+    # last k (action, observation) pairs (WebArena shows only the current step: 0).
+    metric: str = "mean_reward"
+    prompt_history_turns: Optional[int] = None
 
     def __init__(
         self,
@@ -343,6 +348,19 @@ class Env(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def paper_score(self, episodes: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
+        """The paper's task score (0-100) from finished episodes (records with ``reward``);
+        default: 100 × mean reward. Environments whose benchmark aggregates otherwise override it."""
+        r = [float(e["reward"]) for e in episodes]
+        return {"metric": self.metric, "score": 100 * sum(r) / len(r) if r else 0.0, "n": len(r)}
+
+    def prompt_view(self, n_open: int) -> List[Dict[str, Any]]:
+        """What a policy is shown: ``history`` cut to ``prompt_history_turns`` (see above)."""
+        k = self.prompt_history_turns
+        if k is None:
+            return self.history
+        return self.history[:n_open - 1] + self.history[max(n_open - 1, len(self.history) - (2 * k + 1)):]
 
     # ------------------------------------------------------------------ internals
 

@@ -1,15 +1,27 @@
 """DBBench (AgentBench) as an environment: one table per task, MySQL-style SQL, two backends.
 
-Task file: AgentBench's DBBench jsonl, unchanged (``dbbench_dev.jsonl`` / ``standard.jsonl``).
+Task file: AgentBench's DBBench jsonl, unchanged (``dbbench_dev.jsonl`` / ``dbbench_std.jsonl``).
 Each record describes one table (``table.table_info`` columns and rows, all TEXT) and asks a
-question (``description`` + ``add_description``). Agent turns follow AgentBench:
-``Action: Operation`` + one statement in a ```sql block, or ``Action: Answer`` +
-``Final Answer: [...]``. Scoring:
+question (``description`` + ``add_description``). The protocol follows AgentBench.old's DBBench
+task (THUDM/AgentTuning ``AgentBench.old/src/tasks/dbbench``), which the paper evaluated with:
 
-* SELECT-type records: the final answer against ``label`` — element-wise float compare when both
-  parse as numbers, else exact string compare; lists compared as sets.
-* INSERT/UPDATE/DELETE records: AgentBench's table hash after the agent answers, against
-  ``answer_md5`` (see ``db_backends.table_hash_from_rows``).
+* A turn is parsed as AgentBench parses it: the first ``Action: <word>`` line; ``Operation``
+  runs the first ```` ```sql\n...\n``` ```` block (newlines joined into one line); anything
+  else ends the episode and is judged, with the answer taken from the reply's
+  ``\nFinal Answer:`` line (empty if none). ``Action: Answer`` is the normal end (``completed``);
+  every other reply — no ``Action:`` line, another word, ``Operation`` without a sql block — ends
+  it with ``invalid_format`` (still judged, as AgentBench judges it), unless ``max_invalid``
+  allows more tries.
+* The database's own output is the observation: rows as ``str(cursor.fetchall())``, an error as
+  the server's error text (``1064 (42000): You have an error in your SQL syntax; ...``); the
+  episode goes on after an error. Output is cut at 800 characters + ``[TRUNCATED]``.
+* ``max_round`` = 15 SQL operations, then one more reply (which can only answer): ``max_turns``
+  16. No repetition rule (``repetition_k`` 0), as in AgentBench.
+* Judging. SELECT-type records: AgentBench's metric on the answer text — evaluated as a Python
+  literal and made a list (else the text itself as one element); one element each: equal as
+  floats, else as strings; otherwise equal as sets. INSERT/UPDATE/DELETE records: AgentBench's
+  table hash (``db_backends.table_hash_from_rows``) against ``answer_md5``, computed whenever
+  the episode ends — answer, invalid reply or turn limit — as AgentBench computes it.
 
 The scripted expert plays the gold statement (``label`` of INSERT/UPDATE records) or, for
 SELECT records, runs ``sql.query`` when that query runs and then answers ``label``.
@@ -20,16 +32,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import math
 import re
 from typing import Any, Dict, List, Optional
 
 from serve.envs import db_backends
-from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, register
+from serve.envs.base import Env, EnvError, Status, StepResult, Task, data_file, register
 
 log = logging.getLogger(__name__)
 
-# AgentBench's DBBench instruction (src/server/tasks/dbbench), sent as the first user turn.
+# AgentBench.old's DBBench instruction (src/tasks/dbbench/__init__.py), the first user turn.
 DB_PROMPT = """
 I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
 You have to explain the problem and your solution to me and write down your thoughts.
@@ -56,40 +67,37 @@ INVALID_FEEDBACK = ("Your response cannot match any pattern: write 'Action: Oper
                     "'Final Answer: [...]'.")
 MODIFY_TYPES = ("INSERT", "UPDATE", "DELETE")
 OBS_LIMIT = 800  # AgentBench truncates MySQL output at 800 characters
+MAX_ROUND = 15  # AgentBench's DBBench max_round (configs/tasks/dbbench/{dev,std}.yaml)
 
-_ACTION = re.compile(r"Action:\s*(Operation|Answer)\b", re.I)
-_SQL = re.compile(r"```sql\s*(.*?)```", re.S | re.I)
-_FINAL = re.compile(r"Final Answer:\s*(.*)", re.S)
+# AgentBench's own patterns: case-sensitive, "Action: " with one space, the word up to the end
+# of its line; the sql block with newlines right after ```sql and before the closing fence.
+_ACTION = re.compile(r"Action: (.*?)\n")
+_SQL = re.compile(r"```sql\n([\s\S]*?)\n```")
+_FINAL = re.compile(r"\nFinal Answer:(.*)")
 
 
-def parse_answer(text: str) -> List[str]:
-    """``Final Answer:`` payload as a list of strings (a Python/JSON list, or one bare value)."""
-    text = text.strip()
+def parse_answer(text: str) -> List[Any]:
+    """The answer as AgentBench's metric reads it: the text evaluated as a Python literal and made
+    a list (``list(eval(text))``; a string literal becomes its characters, as there), else
+    ``[text]`` unchanged. ``ast.literal_eval`` instead of ``eval``: the text is the agent's."""
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return list(ast.literal_eval(text))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return [text]
-    if isinstance(value, (list, tuple, set)):
-        return [str(v) for v in value]
-    return [str(value)]
 
 
-def _as_float(s: str) -> Optional[float]:
+def answers_match(answer: List[Any], label: List[Any]) -> bool:
+    """AgentBench.old's DBBench metric: one element each → equal as floats when both parse,
+    else equal as they are; otherwise equal as sets (no number normalisation)."""
+    if len(answer) == 1 and len(label) == 1:
+        try:
+            return float(answer[0]) == float(label[0])
+        except (ValueError, TypeError):
+            return answer[0] == label[0]
     try:
-        f = float(str(s).strip())
-    except ValueError:
-        return None
-    return f if math.isfinite(f) else None
-
-
-def answers_match(answer: List[str], label: List[Any]) -> bool:
-    """AgentBench's comparison: floats numerically, others exactly; lists as sets."""
-
-    def norm(v: Any) -> Any:
-        f = _as_float(v)
-        return round(f, 6) if f is not None else str(v).strip()
-
-    return {norm(a) for a in answer} == {norm(g) for g in label}
+        return set(answer) == set(label)
+    except TypeError:  # unhashable elements (a nested list): AgentBench counts it wrong
+        return False
 
 
 def _one_line(sql: str) -> str:
@@ -101,12 +109,13 @@ def _one_line(sql: str) -> str:
 class DBEnv(Env):
     """AgentBench DBBench. Options: ``backend`` (auto|mariadb|sqlite), ``statement_timeout`` (s)."""
 
-    default_max_turns = 15
+    default_max_turns = MAX_ROUND + 1  # 15 operations, then a reply that can only answer
     episode_attrs = ("edb",)
 
     def __init__(self, path: Optional[str] = None, *, backend: str = "auto",
                  statement_timeout: float = 5.0, split: str = "dev", **options: Any) -> None:
         self.split_name = split
+        options.setdefault("repetition_k", 0)  # AgentBench's DBBench has no repetition rule
         super().__init__(path, **options)
         self.statement_timeout = float(statement_timeout)
         self.backend = db_backends.get_backend(backend, statement_timeout)
@@ -181,30 +190,52 @@ class DBEnv(Env):
 
     def act(self, action: str) -> StepResult:
         m = _ACTION.search(action)
-        if not m:
-            raise InvalidFormat(INVALID_FEEDBACK)
-        info = {"backend": self.backend.name}
-        if m.group(1).lower() == "operation":
-            sql = _SQL.search(action, m.end())
-            if not sql or not sql.group(1).strip():
-                raise InvalidFormat(INVALID_FEEDBACK)
-            out = self.edb.execute(_one_line(sql.group(1)))
+        word = m.group(1) if m else None
+        last = self.turns >= self.max_turns
+        if word == "Operation" and not last:
+            sql = _SQL.search(action)
+            if not sql:  # AgentBench stops here with an empty answer and judges
+                return self._invalid("", last)
+            statement = sql.group(1).strip().replace("\n", " ")
+            # An empty block: AgentBench's client sends nothing and shows "[]".
+            out = self.edb.execute(statement) if statement else "[]"
             if len(out) > OBS_LIMIT:
                 out = out[:OBS_LIMIT] + "[TRUNCATED]"
-            return StepResult(out, info=info)
-        final = _FINAL.search(action, m.end())
-        if not final:
-            raise InvalidFormat(INVALID_FEEDBACK)
+            return StepResult(out, info={"backend": self.backend.name})
+        final = _FINAL.search(action)
+        answer = final.group(1) if final else ""
+        if word == "Answer":
+            return self._judge(answer, Status.COMPLETED)
+        if word == "Operation":  # max_round operations ran: judged without running this one
+            return self._judge(answer, Status.TURN_LIMIT)
+        return self._invalid(answer, last)
+
+    def _invalid(self, answer: str, last: bool) -> StepResult:
+        """A reply that is neither an operation nor an answer: judged at once (AgentBench),
+        or, while ``max_invalid`` allows, feedback and another try."""
+        self.invalid += 1
+        if self.invalid <= self.max_invalid and not last:
+            return StepResult(INVALID_FEEDBACK, info={"backend": self.backend.name,
+                                                      "invalid": Status.INVALID_FORMAT.value})
+        result = self._judge(answer, Status.INVALID_FORMAT if self.invalid > self.max_invalid
+                             else Status.TURN_LIMIT)
+        result.observation = INVALID_FEEDBACK
+        result.info["invalid"] = Status.INVALID_FORMAT.value
+        return result
+
+    def _judge(self, answer: str, status: Status) -> StepResult:
+        """End the episode with AgentBench's verdict on ``answer`` (the Final Answer text)."""
         rec = self.current.data
+        info: Dict[str, Any] = {"backend": self.backend.name}
         if _task_type(rec) in MODIFY_TYPES:
             got = self.edb.table_hash()
             ok = got == rec["answer_md5"]
             info.update(answer=got, expected=rec["answer_md5"])
         else:
-            answer = parse_answer(final.group(1).strip().splitlines()[0] if final.group(1).strip() else "")
-            ok = answers_match(answer, rec["label"])
-            info.update(answer=answer, expected=rec["label"])
-        return StepResult("", reward=1.0 if ok else 0.0, done=True, info=info)
+            parsed = parse_answer(answer)
+            ok = answers_match(parsed, rec["label"])
+            info.update(answer=parsed, expected=rec["label"])
+        return StepResult("", reward=1.0 if ok else 0.0, done=True, status=status, info=info)
 
     def expert_action(self) -> str:
         if self.current is None:
@@ -236,7 +267,6 @@ class DBEnv(Env):
         except Exception:  # noqa: BLE001 — any failure means "answer without the query"
             return None
         return _one_line(query)
-
 
     def shutdown(self) -> None:
         db_backends.shutdown_backends()

@@ -2,15 +2,19 @@
 
 Both give each episode a fresh database holding one table (every column TEXT, as AgentBench
 builds it), run the agent's statements with a time limit, format results and errors the way
-AgentBench's MySQL client shows them (``str(cursor.fetchall())``, ``"1064 (42000): ..."``),
-and compute AgentBench's table hash for INSERT/UPDATE/DELETE scoring.
+AgentBench's MySQL client (mysql-connector) shows them (``str(cursor.fetchall())``,
+``"1064 (42000): ..."``), and compute AgentBench's table hash for INSERT/UPDATE/DELETE scoring.
 
 MariaDB (default when ``mariadbd`` is installed): one server per owning process, started on a
 private unix socket (``--skip-networking``: no TCP port), its own datadir in a temp directory,
-MySQL 8's strict sql_mode and ``group_concat_max_len=1024`` (so hashes match MySQL's). Each
-episode gets its own database and a user that can touch only that database, with a per-user
-statement time limit. A watchdog shell stops the server when the owning process dies, so a
-crash never leaves a server behind.
+MySQL 8's strict sql_mode, ``group_concat_max_len=1024`` (so hashes match MySQL's) and the
+collation nearest to MySQL 8's default. Each episode gets its own database and a user that can
+touch only that database, with a per-user statement time limit. The agent's connection behaves
+like AgentBench's: a block of several statements gets "Commands out of sync" and is rolled
+back; each call is committed. Where MariaDB 10.11 would accept what MySQL 8 (AgentBench's
+server) refuses — words MySQL 8 reserves — the statement is refused with MySQL's error, and
+error texts cite MySQL and name the database as AgentBench's (after the table). A watchdog
+shell stops the server when the owning process dies, so a crash never leaves a server behind.
 
 SQLite (fallback, zero install) is in ``serve/envs/db_sqlite.py``.
 """
@@ -21,6 +25,7 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -32,16 +37,40 @@ from typing import Any, List, Optional, Sequence
 log = logging.getLogger(__name__)
 
 MAX_FETCH_ROWS = 1000  # rows read back per statement; the observation is truncated anyway
+# MySQL 8's default collation (AgentBench's server) is utf8mb4_0900_ai_ci: UCA-based, accent- and
+# case-insensitive, NO PAD ('a' <> 'a '). MariaDB 10.11's nearest is UCA 5.2 with NO PAD.
+COLLATION = "utf8mb4_unicode_520_nopad_ci"
 MYSQL8_SQL_MODE = ("ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,"
                    "ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION")
 # SQLSTATE of common server errors (pymysql drops it; AgentBench's client prints it).
-_SQLSTATE = {1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1060: "42S21",
-             1062: "23000", 1064: "42000", 1136: "21S01", 1142: "42000", 1146: "42S02",
-             1227: "42000", 1264: "22003", 1292: "22007", 1366: "HY000", 1969: "70100"}
+_SQLSTATE = {1044: "42000", 1045: "28000", 1048: "23000", 1049: "42000", 1050: "42S01",
+             1051: "42S02", 1052: "23000", 1054: "42S22", 1055: "42000", 1060: "42S21",
+             1062: "23000", 1064: "42000", 1065: "42000", 1066: "42000", 1111: "HY000",
+             1136: "21S01", 1140: "42000", 1142: "42000", 1146: "42S02", 1227: "42000",
+             1241: "21000", 1242: "21000", 1248: "42000", 1264: "22003", 1292: "22007",
+             1305: "42000", 1366: "HY000", 1406: "22001", 1582: "42000", 1630: "42000",
+             1969: "70100"}
+# What AgentBench's client (mysql-connector, ``cursor.execute(sql, multi=True)`` then
+# ``fetchall()`` and ``commit()``) shows when the block holds several statements: the pending
+# results make the commit fail, and the reconnect before the next statement rolls them back.
+# Checked with mysql-connector-python 8.0.33 against this server.
+OUT_OF_SYNC = "Commands out of sync; you can't run this command now"
+_SYNTAX = ("1064 (42000): You have an error in your SQL syntax; check the manual that corresponds to "
+           "your MySQL server version for the right syntax to use near '{near}' at line {line}")
+
+
+# MariaDB's clause names in "Unknown column 'x' in '...'" -> MySQL 8's.
+MYSQL_CLAUSE = {"SELECT": "field list", "SET": "field list", "INSERT INTO": "field list",
+                "WHERE": "where clause", "ORDER BY": "order clause", "GROUP BY": "group statement",
+                "HAVING": "having clause", "ON": "on clause"}
 
 
 class BackendError(RuntimeError):
     """The backend itself is unusable (server failed to start, ...)."""
+
+
+class MySQL8Refusal(ValueError):
+    """A statement MySQL 8 would refuse before running it; ``str()`` is its error text."""
 
 
 def table_hash_from_rows(rows: Sequence[Sequence[Any]]) -> str:
@@ -68,6 +97,69 @@ def format_rows(rows: Sequence[Sequence[Any]]) -> str:
 
 def quote_ident(name: str, quote: str = "`") -> str:
     return quote + name.replace(quote, quote * 2) + quote
+
+
+# Words MySQL 8 (AgentBench's server) reserves but MariaDB 10.11 and SQLite accept as plain
+# names, so `SELECT Rank FROM t` must fail here as it fails there (28 of the 300 standard DB
+# tables have a "Rank" column). Those that name a function (RANK(), ROW(...)) fail at the token
+# after them unless it is "("; the others fail at the word itself.
+_MYSQL8_FUNCTION_WORDS = {"cume_dist", "dense_rank", "first_value", "grouping", "json_table", "lag",
+                          "last_value", "lead", "nth_value", "ntile", "percent_rank", "rank", "row"}
+_MYSQL8_OTHER_WORDS = {"cube", "empty", "function", "generated", "groups", "lateral", "of",
+                       "optimizer_costs", "stored", "system", "virtual", "window"}
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def _bare_words(sql: str):
+    """(start, word) of every unquoted word outside strings, quoted names and comments."""
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":
+            j = i + 1
+            while j < n and sql[j] != c:
+                j += 2 if sql[j] == "\\" and c != "`" else 1
+            i = j + 1
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        elif c == "#" or sql.startswith("-- ", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end + 1
+        else:
+            m = _WORD.match(sql, i)
+            if m and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_$@")):
+                yield i, m.group(0)
+                i = m.end()
+            else:
+                i += 1
+
+
+def mysql8_reserved_error(sql: str) -> Optional[str]:
+    """MySQL 8's syntax error for a word it reserves and MariaDB does not, used as a bare name."""
+    for start, word in _bare_words(sql):
+        low = word.lower()
+        if low not in _MYSQL8_FUNCTION_WORDS and low not in _MYSQL8_OTHER_WORDS:
+            continue
+        before = sql[:start].rstrip()
+        if before.endswith("."):  # a name after a dot is always a name in MySQL
+            continue
+        after = start + len(word)
+        rest = sql[after:]
+        nxt = after + len(rest) - len(rest.lstrip())
+        if low in _MYSQL8_FUNCTION_WORDS:
+            if sql[nxt:nxt + 1] == "(":
+                continue
+            return syntax_error(sql, nxt)
+        return syntax_error(sql, start)
+    return None
+
+
+def syntax_error(sql: str, at: Optional[int]) -> str:
+    """MySQL's ER_PARSE_ERROR text for ``sql`` failing at offset ``at``: the rest of the statement
+    from there, cut at 80 characters (``near '%-.80s' at line %d``); ``None`` = end of input."""
+    at = len(sql) if at is None else max(0, min(int(at), len(sql)))
+    return _SYNTAX.format(near=sql[at:][:80], line=sql.count("\n", 0, at) + 1)
 
 
 # ============================================================================ MariaDB
@@ -116,7 +208,7 @@ class MariaDBServer:
                 f"--log-error={os.path.join(self.dir, 'error.log')}",
                 f"--secure-file-priv={files}", f"--sql-mode={MYSQL8_SQL_MODE}",
                 "--group-concat-max-len=1024", "--character-set-server=utf8mb4",
-                "--collation-server=utf8mb4_general_ci", "--performance-schema=OFF",
+                f"--collation-server={COLLATION}", "--performance-schema=OFF",
                 "--skip-log-bin", "--innodb-flush-log-at-trx-commit=0", "--innodb-flush-method=nosync",
                 "--innodb-doublewrite=0", "--sync-frm=0", "--max-connections=500",
                 "--skip-name-resolve", "--local-infile=0"]
@@ -169,12 +261,16 @@ class MariaDBServer:
             return "(no error log)"
 
     def connect(self, user: str = "root", password: str = "", database: Optional[str] = None,
-                read_timeout: Optional[float] = None):
+                read_timeout: Optional[float] = None, agent: bool = False):
+        """A client connection. ``agent``: the way AgentBench's client talks to its server —
+        several statements per call allowed, no autocommit (the caller commits each call)."""
         import pymysql  # imported here: the SQLite backend needs no MySQL client
+        from pymysql.constants import CLIENT
 
         return pymysql.connect(unix_socket=self.socket, user=user, password=password,
-                               database=database, autocommit=True, charset="utf8mb4",
-                               connect_timeout=10, read_timeout=read_timeout, ssl_disabled=True)
+                               database=database, autocommit=not agent, charset="utf8mb4", collation=COLLATION,
+                               connect_timeout=10, read_timeout=read_timeout, ssl_disabled=True,
+                               client_flag=CLIENT.MULTI_STATEMENTS if agent else 0)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -231,7 +327,12 @@ def _mysql_error(exc: Exception) -> str:
     args = getattr(exc, "args", ())
     if len(args) >= 2 and isinstance(args[0], int):
         state = getattr(exc, "sqlstate", None) or _SQLSTATE.get(args[0], "HY000")
-        return f"{args[0]} ({state}): {args[1]}"
+        # AgentBench's server is MySQL: its manual, not MariaDB's, is what the error cites,
+        # and it names clauses its own way in 1054 errors.
+        msg = str(args[1]).replace("your MariaDB server version", "your MySQL server version")
+        if args[0] == 1054:
+            msg = re.sub(r" in '([A-Z ]+)'$", lambda m: f" in '{MYSQL_CLAUSE.get(m.group(1), m.group(1))}'", msg)
+        return f"{args[0]} ({state}): {msg}"
     return str(exc)
 
 
@@ -244,7 +345,7 @@ class MariaDBEpisode:
         self.db = "ep_" + secrets.token_hex(6)
         self.user, password = self.db, secrets.token_hex(16)
         db, t = quote_ident(self.db), quote_ident(table)
-        backend.admin(f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci")
+        backend.admin(f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE {COLLATION}")
         try:
             limit = self.timeout
             backend.admin(f"CREATE USER %s@'localhost' IDENTIFIED BY %s "
@@ -260,41 +361,71 @@ class MariaDBEpisode:
             # Client-side backstop: the agent can lift its session's max_statement_time with
             # SET, so a read timeout just above the limit kills and replaces the connection.
             self.conn = backend.server.connect(self.user, password, self.db,
-                                               read_timeout=limit + 2)
+                                               read_timeout=limit + 2, agent=True)
         except Exception:
             self.close()
             raise
 
+    def _run(self, sql: str) -> tuple:
+        """Send ``sql``; the first result's rows, and whether more statements followed it."""
+        refused = mysql8_reserved_error(sql)
+        if refused:
+            raise MySQL8Refusal(refused)
+        cur = self.conn.cursor()
+        cur.execute(sql)
+        rows = list(cur.fetchmany(MAX_FETCH_ROWS)) if cur.description else []
+        # Not cur.close(): that would wait for (and run) every further statement of the block.
+        more = bool(getattr(getattr(cur, "_result", None), "has_next", False))
+        if more:
+            self._reconnect()  # the kill rolls the block back, as AgentBench's next reconnect does
+        else:
+            self.conn.commit()
+        return rows, more
+
     def execute(self, sql: str) -> str:
-        """Run one statement as the agent; rows or the error text, never an exception."""
+        """Run the agent's block; rows or the server's error text, never an exception."""
         import pymysql
 
         try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql)
-                rows = cur.fetchmany(MAX_FETCH_ROWS) if cur.description else []
-            return format_rows(rows)
+            rows, more = self._run(sql)
+            return OUT_OF_SYNC if more else format_rows(rows)
+        except MySQL8Refusal as exc:
+            return str(exc)
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] in (2013, 2006):  # our read timeout fired: kill, reconnect
                 self._reconnect()
                 if exc.args[0] == 2013:
                     return "1969 (70100): Query execution was interrupted (max_statement_time exceeded)"
-            return _mysql_error(exc)
+            return self._error_text(exc)
         except pymysql.MySQLError as exc:
-            return _mysql_error(exc)
+            return self._error_text(exc)
+
+    def _error_text(self, exc: Exception) -> str:
+        try:  # end the failed call's transaction (its locks), as AgentBench's reconnect does
+            self.conn.rollback()
+        except Exception:  # noqa: BLE001 — a broken connection is replaced on the next timeout
+            pass
+        # AgentBench's database is named after the table: 'Foot ball.nope', not 'ep_1a2b.nope'.
+        return _mysql_error(exc).replace(f"{self.db}.", f"{self.table}.")
 
     def _reconnect(self) -> None:
         try:
             self.conn.close()
         except Exception:  # noqa: BLE001 — already broken
             pass
+        import pymysql
+
         for (pid,) in self.backend.admin(
                 "SELECT id FROM information_schema.processlist WHERE user = %s", (self.user,)):
-            self.backend.admin(f"KILL {int(pid)}")
+            try:
+                self.backend.admin(f"KILL {int(pid)}")
+            except pymysql.MySQLError as exc:  # 1094: it ended by itself meanwhile
+                if not exc.args or exc.args[0] != 1094:
+                    raise
         password = secrets.token_hex(16)
         self.backend.admin("ALTER USER %s@'localhost' IDENTIFIED BY %s", (self.user, password))
         self.conn = self.backend.server.connect(self.user, password, self.db,
-                                                read_timeout=self.timeout + 2)
+                                                read_timeout=self.timeout + 2, agent=True)
 
     def table_hash(self) -> str:
         """AgentBench's md5 query, run by the server itself (exact MySQL semantics)."""
@@ -308,10 +439,11 @@ class MariaDBEpisode:
             return _mysql_error(exc)
 
     def query(self, sql: str) -> List[tuple]:
-        """Run a statement with the agent's rights; raises on error (used by the expert)."""
-        with self.conn.cursor() as cur:
-            cur.execute(sql)
-            return list(cur.fetchmany(MAX_FETCH_ROWS)) if cur.description else []
+        """Run one statement with the agent's rights; raises on error (used by the expert)."""
+        rows, more = self._run(sql)
+        if more:
+            raise ValueError(OUT_OF_SYNC)
+        return rows
 
     def close(self) -> None:
         conn = getattr(self, "conn", None)

@@ -103,8 +103,15 @@ def test_react_thought_check():
 def test_collect_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="collect.teacher.kind"):
         load_config(None, ["collect.teacher.kind=gpt"])
+    # What depends on the environment is checked when the job starts, before any work.
+    from pipelines.collect_instruct import check_tasks
+
     with pytest.raises(ConfigError, match="collect.tasks.0.instructions.source"):
-        load_config(None, ["collect.tasks=[{name: db, env: db, instructions: {kind: derive}}]"])
+        check_tasks(load_config(None, ["collect.tasks=[{name: db, env: dbbench, instructions: {kind: derive}}]"]).collect.tasks)
+    with pytest.raises(ConfigError, match="collect.tasks.0.instructions.kind.*derive exists"):
+        check_tasks(load_config(None, ["collect.tasks=[{name: h, env: hotpotqa, instructions: {kind: derive}}]"]).collect.tasks)
+    with pytest.raises(ConfigError, match="collect.tasks.0.env.*unknown environment 'dbb'"):
+        check_tasks(load_config(None, ["collect.tasks=[{name: d, env: dbb}]"]).collect.tasks)
     with pytest.raises(ConfigError, match="collect.tasks.0.instructions.kind"):
         load_config(None, ["collect.tasks=[{name: os, env: os, instructions: {kind: self_instruct}}]"])
 
@@ -313,7 +320,8 @@ def test_openai_policy_retry_classes(scripted_teacher):
     """Transient failures are retried with backoff; a 4xx other than 429 is not; then TeacherError."""
     import asyncio
 
-    from serve.rollout import OpenAIPolicy, TeacherError
+    from agenttuning.schema import PolicyConfig
+    from serve.rollout import OpenAIPolicy, PolicySpec, TeacherError
 
     S = ScriptedTeacher
     S.answers, S.always, S.proposals = {}, {}, []
@@ -321,8 +329,8 @@ def test_openai_policy_retry_classes(scripted_teacher):
 
     def run(plan, retries):
         S.calls, S.plan = 0, plan
-        pol = OpenAIPolicy({"kind": "openai", "base_url": scripted_teacher, "model": "t", "max_retries": retries,
-                            "timeout_s": 0.5, "backoff_s": 0.01, "api_key_env": "AGENTTUNING_TEST_KEY"})
+        pol = OpenAIPolicy(PolicySpec(PolicyConfig(kind="openai", base_url=scripted_teacher, model="t", max_retries=retries,
+                                                   timeout_s=0.5, backoff_s=0.01, api_key_env="AGENTTUNING_TEST_KEY")))
         try:
             return asyncio.run(pol._complete_usage(msgs)), S.calls, pol.retries
         except TeacherError as exc:

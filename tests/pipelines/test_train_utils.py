@@ -1,11 +1,12 @@
 """Training maths without Ray: packed attention, loss normalisation, schedule, DeepSpeed config, checks."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from agenttuning.config import ConfigError, load_config, to_dict
+from agenttuning.config import ConfigError, load_config, to_object
 from pipelines.train_utils import (
     IGNORE, backward_scale, check_tokenizer, deepspeed_config, lr_lambda, packed_forward, shifted_targets,
     worker_rows,
@@ -118,12 +119,12 @@ def test_worker_rows_take_the_rank_slice_of_every_group():
 def test_deepspeed_config_from_ours():
     cfg = load_config(None, ["scaling.num_workers=4", "train.global_batch_size=64", "train.micro_batch_size=2",
                              "train.zero_stage=3"])
-    t = to_dict(cfg)["train"]
+    t = to_object(cfg.train)
     ds = deepspeed_config(t, use_gpu=False, world_size=4)
     assert ds["gradient_accumulation_steps"] == 8 and ds["train_batch_size"] == 64
     assert ds["zero_optimization"]["stage"] == 3 and not ds["bf16"]["enabled"] and "optimizer" not in ds
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    gpu = deepspeed_config(dict(t, offload_optimizer="cpu"), use_gpu=True, world_size=4)
+    gpu = deepspeed_config(dataclasses.replace(t, offload_optimizer="cpu"), use_gpu=True, world_size=4)
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["type"] == "AdamW"
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agenttuning.chat import prompt_ids
-from agenttuning.config import load_config
+from agenttuning.config import load_config, to_object
 from serve.eft_decoding import DecodeParams, VocabularyMismatchError
 from serve.openai_api import ServerSettings, build_openai_app, run_local_server
 
@@ -71,7 +71,7 @@ def backend(trio):
     from serve.eft import EFTBackend
 
     c = _cfg(trio, speculative_k=3)
-    return EFTBackend(dict(c.eft), dict(c.model))
+    return EFTBackend(to_object(c.eft), to_object(c.model))
 
 
 def _reference_greedy(backend, n: int):

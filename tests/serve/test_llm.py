@@ -118,20 +118,24 @@ def test_continuous_batching_matches_serial_greedy(backend):
 
 
 def test_placement_and_backend_choice_from_config(tiny_model_dir):
-    from agenttuning.config import ConfigError, load_config, to_dict
-    from serve.app import _placement
+    from agenttuning.config import ConfigError, load_config, to_object
+    from serve.lifecycle import placement
     from serve.llm import make_backend, vllm_available
 
-    cfg = load_config(None, ["serve.num_gpus=1", "serve.autoscaling={min_replicas: 1, max_replicas: 4}"])
-    opts = _placement(to_dict(cfg)["serve"])
+    def opts_of(*overrides):
+        s = to_object(load_config(None, list(overrides)).serve)
+        return placement(s.num_replicas, s.autoscaling, s.max_ongoing_requests, s.num_cpus, s.num_gpus)
+
+    opts = opts_of("serve.num_gpus=1", "serve.autoscaling={min_replicas: 1, max_replicas: 4}")
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert opts["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in opts
-    assert _placement(to_dict(load_config(None, ["serve.num_replicas=3"]))["serve"])["num_replicas"] == 3
+    assert opts_of("serve.num_replicas=3")["num_replicas"] == 3
     with pytest.raises(ConfigError, match="serve.backend"):
         load_config(None, ["serve.backend=tgi"])
     if not vllm_available():
+        cfg = load_config(None, ["serve.backend=vllm", f"model.name_or_path={tiny_model_dir}"])
         with pytest.raises(RuntimeError, match="vllm is not installed"):
-            make_backend({"backend": "vllm"}, {"name_or_path": str(tiny_model_dir)})
+            make_backend(to_object(cfg.serve), to_object(cfg.model))
 
 
 def test_client_disconnect_frees_the_batch_slot(base_url, backend):

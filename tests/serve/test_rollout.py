@@ -64,9 +64,10 @@ def db_env(bench_data):
 def _play(env, task_id, policy_cfg):
     import asyncio
 
-    from serve.rollout import make_policy, play
+    from agenttuning.schema import PolicyConfig
+    from serve.rollout import PolicySpec, make_policy, play
 
-    return asyncio.run(play(env.spawn(), task_id, make_policy(policy_cfg)))
+    return asyncio.run(play(env.spawn(), task_id, make_policy(PolicySpec(PolicyConfig(**policy_cfg)))))
 
 
 def test_expert_and_endpoint_episodes(db_env, local_endpoint, tiny_model_dir):
