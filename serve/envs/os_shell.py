@@ -1,17 +1,24 @@
 """AgentBench OS interaction as an environment: shell tasks in a per-episode sandbox.
 
-Task file: AgentBench's OS JSON (a list of tasks, e.g. ``os_dev.json``), unchanged. Per task:
-``create.init`` (code, run first), ``start`` (a background program), ``description`` (the
-question), ``evaluation`` with ``match`` (exact answer) or ``check`` (a chain; a ``null`` first
-entry means "run ``evaluation.example`` in a fresh copy of the environment and take its output as
-the expected answer"; named checkers integer-match, string-match, size-match, containing, in).
-Tasks naming script files (``{"file": ...}``) that are not available next to the task file are
-skipped with the reason. Agent turns follow AgentBench: ``Act: bash`` + a ```bash block,
-``Act: answer(...)`` or ``Act: finish``; output is truncated at 800 characters. The sandbox
-(serve/envs/sandbox.py) gives each episode its own root filesystem, no network, and limits.
+Tasks: AgentBench's OS JSON, unchanged — the dev list (``os_dev.json``, split ``dev``, ids
+``"0"``..) or the standard layout (``os_std/{1..7}/*.json``, split ``std``, ids
+``std-00N-<file>-<index>``), with the script files they name resolved against the data set's
+scripts folder (serve/envs/os_tasks.py has the rules).
 
-The scripted expert runs ``evaluation.example`` and answers with its output (check tasks), or
-answers ``evaluation.match`` (match tasks).
+An episode follows AgentBench (``src/server/tasks/os_interaction/task.py``, the Oct-2023
+version; AgentTuning's ``AgentBench.old`` is the same here): the agent's login shell is opened,
+``create.init`` scripts run as independent processes (``bash -c`` / ``python3 -c``, like
+``docker exec``), ``start`` is typed into the agent's shell, then the agent answers with
+``Act: bash`` + a ```bash block, ``Act: answer(...)`` or ``Act: finish``; command output is cut
+at 800 characters (780 kept + a note); 8 rounds. Judging: ``match`` compares the stripped answer
+with the string; ``check`` runs its scripts in the same sandbox in order, each given the answer
+and the outputs of the earlier ones as arguments (``bash -c code -- answer out1 ...``,
+``python3 -c code answer out1 ...``; a ``null`` entry runs ``evaluation.example``), and passes
+when every exit code is 0. ``finish`` answers ``None`` (the string "None" for checks).
+
+The scripted expert runs ``evaluation.example`` in the shell and answers its output (check chains
+that use the example's output), or says ``finish`` after it (state-changing tasks), or answers
+``evaluation.match``.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional
+import shlex
+from typing import Any, Dict, List, Optional, Tuple
 
-from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, read_json, register
+from serve.envs import os_tasks
+from serve.envs import sandbox_idmap as idmap
+from serve.envs.base import Env, EnvError, InvalidFormat, StepResult, Task, data_file, register
+from serve.envs.os_tasks import OSTask, Script
 from serve.envs.sandbox import Sandbox, SandboxLimits
 
 log = logging.getLogger(__name__)
@@ -66,7 +77,8 @@ INVALID_FEEDBACK = ("Your response matches none of the actions. Reply with 'Thin
                     "exactly one of: 'Act: bash' with a ```bash code block, 'Act: answer(...)', "
                     "or 'Act: finish'.")
 OBS_LIMIT = 800
-CHECKERS = ("integer-match", "string-match", "size-match", "containing", "in")
+OBS_KEEP = 780
+CHECKERS = os_tasks.NAMED_CHECKERS
 
 _ACT = re.compile(r"Act:\s*(.+)")
 _BASH = re.compile(r"```bash\n(.*?)\n```", re.S)
@@ -90,67 +102,85 @@ def parse_action(text: str) -> Dict[str, Optional[str]]:
     return {"action": None, "content": None}
 
 
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)(I?B?)?\s*$", re.I)
+_SIZE_UNITS = (("B", 1), ("Byte", 1), ("K", 1 << 10), ("KB", 1 << 10), ("M", 1 << 20),
+               ("MB", 1 << 20), ("G", 1 << 30), ("GB", 1 << 30), ("T", 1 << 40), ("TB", 1 << 40),
+               ("P", 1 << 50), ("PB", 1 << 50))
 
 
-def _size(s: str) -> float:
-    m = _SIZE.match(s)
-    if not m:
-        raise ValueError(f"not a size: {s!r}")
-    return float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper())
+def _size(s: str) -> int:
+    # size-match.py's rule, quirks included: units tried in this order, integers only (so
+    # "4KB" matches "B" first and fails, and du's "4.0K" is not a size)
+    s = s.strip()
+    for unit, mult in _SIZE_UNITS:
+        if s.endswith(unit):
+            return int(s[:-len(unit)]) * mult
+    return int(s)
+
+
+def _norm(s: str) -> str:
+    return s.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def check(name: str, answer: str, expected: str) -> bool:
-    """AgentBench's named checkers (check/<name>.py), as Python."""
+    """AgentBench's named checkers (``check/<name>.py``) evaluated in Python, for code that
+    judges outside a sandbox (pipelines.derive); episodes run the real scripts."""
     a, e = (answer or ""), (expected or "")
     try:
         if name == "integer-match":
-            return int(a.strip()) == int(e.strip())
+            return int(a) == int(e)
         if name == "string-match":
-            norm = lambda s: s.replace("\r\n", "\n").strip()  # noqa: E731
-            return norm(a) == norm(e)
+            return _norm(a) == _norm(e)
         if name == "size-match":
-            return abs(_size(a) - _size(e)) < 1e-9
+            return _size(a) == _size(e)
         if name == "containing":
-            return e.strip() in a.strip()
+            return _norm(e) in _norm(a)
         if name == "in":
-            return a.strip() in e.strip()
+            return _norm(a) in _norm(e)
     except ValueError:
         return False
     raise EnvError(f"unknown checker {name!r}")
 
 
-def _code(spec: Any) -> Optional[str]:
-    """Inline code of an init/example entry: a string, or {"code": ...}; None otherwise."""
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, dict) and isinstance(spec.get("code"), str):
-        return spec["code"]
-    return None
-
-
-def _checker_name(entry: Any) -> Optional[str]:
-    if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-        stem = os.path.splitext(os.path.basename(entry["file"]))[0]
-        return stem if stem in CHECKERS else None
-    return None
+def _as_bash(script: Script) -> str:
+    """Shell code that runs ``script`` in the agent's shell (the expert's bash action)."""
+    if script.language == "python":
+        return f"python3 -c {shlex.quote(script.code)}"
+    return script.code
 
 
 @register("os_interaction")
 @register("os")
 class OSEnv(Env):
-    """AgentBench OS interaction. Options: ``command_timeout`` (s per agent command) and the
-    sandbox limits ``disk_mb``, ``memory_mb``, ``nproc``, ``cpu_s``."""
+    """AgentBench OS interaction. Options: ``split`` (default: ``std`` for the numbered layout,
+    else ``dev``), ``scripts_dir`` (see os_tasks), ``uid_mode`` (auto | range | subid | single,
+    see sandbox_idmap), ``command_timeout`` (s per agent command), ``script_timeout`` (s per
+    init/check/example script), ``workdir`` (``/`` as in AgentBench's images; ``/root`` as
+    the 2025 AgentBench), and the sandbox limits ``disk_mb``, ``memory_mb``, ``nproc``,
+    ``cpu_s``."""
 
     default_max_turns = 8
     episode_attrs = ("box",)
 
     def __init__(self, path: Optional[str] = None, *, command_timeout: float = 10.0,
-                 split: str = "dev", disk_mb: int = 128, memory_mb: int = 1024, nproc: int = 256,
-                 cpu_s: int = 120, **options: Any) -> None:
+                 split: Optional[str] = None, scripts_dir: Optional[str] = None,
+                 uid_mode: str = "auto", script_timeout: float = 60.0, disk_mb: int = 128,
+                 memory_mb: int = 1024, nproc: int = 256, cpu_s: int = 120,
+                 workdir: str = "/", **options: Any) -> None:
+        if uid_mode not in idmap.MODES:
+            raise EnvError(f"os: option 'uid_mode' must be one of {', '.join(idmap.MODES)}, "
+                           f"got {uid_mode!r}")
+        if workdir not in ("/", "/root"):
+            raise EnvError(f"os: option 'workdir' must be '/' (AgentBench's images, the paper) or "
+                           f"'/root' (AgentBench 2025), got {workdir!r}")
+        self.workdir = workdir
         self.split_name = split
+        self.scripts_dir = scripts_dir
+        self.uid_mode = uid_mode
         self.command_timeout = float(command_timeout)
+        self.script_timeout = float(script_timeout)
         self.limits = SandboxLimits(disk_mb=disk_mb, memory_mb=memory_mb, nproc=nproc, cpu_s=cpu_s)
+        self.specs: Dict[str, OSTask] = {}
+        self.id_plan: Optional[idmap.IdPlan] = None
         super().__init__(path, **options)
         self.box: Optional[Sandbox] = None
 
@@ -158,66 +188,58 @@ class OSEnv(Env):
 
     def load_tasks(self, path: Optional[str]) -> List[Task]:
         path = path or data_file("agentbench/os_dev.json")
-        records = read_json(path, "os", "task file")
-        if not isinstance(records, list):
-            raise EnvError(f"os: {path} must hold a JSON list of tasks")
+        if not os.path.exists(path):
+            raise EnvError(f"os: task path {path} does not exist")
+        if self.scripts_dir is not None and not os.path.isdir(self.scripts_dir):
+            raise EnvError(f"os: option 'scripts_dir' {self.scripts_dir} is not a directory")
+        try:
+            self.id_plan = idmap.resolve(self.uid_mode)
+        except ValueError as exc:
+            raise EnvError(f"os: {exc}") from None
         tasks = []
-        for i, rec in enumerate(records):
-            tid = str(i)
-            problem = self._check_record(rec)
-            if problem:
-                self.skip(tid, problem)
-            tasks.append(Task(tid, rec, self.split_name))
+        try:
+            for tid, rec, spec, reason, src in os_tasks.iter_tasks(path, self.scripts_dir):
+                if spec is not None and not self.id_plan.multi_uid:
+                    cmds = os_tasks.multi_uid_commands(spec)
+                    if cmds:
+                        reason = (f"needs users other than root ({', '.join(cmds)}), but the "
+                                  f"sandbox maps a single uid here: {self.id_plan.note}")
+                if reason:
+                    self.skip(tid, reason)
+                else:
+                    self.specs[tid] = spec
+                tasks.append(Task(tid, rec, self.split_name or ("std" if src.folder else "dev")))
+        except (OSError, ValueError) as exc:
+            raise EnvError(f"os: cannot read tasks from {path}: {exc}") from None
         return tasks
-
-    @staticmethod
-    def _check_record(rec: Any) -> Optional[str]:
-        if not isinstance(rec, dict):
-            return "record is not an object"
-        if not isinstance(rec.get("description"), str):
-            return "missing field 'description'"
-        ev = rec.get("evaluation")
-        if not isinstance(ev, dict) or not ("match" in ev or "check" in ev):
-            return "field 'evaluation' needs 'match' or 'check'"
-        create = rec.get("create") if isinstance(rec.get("create"), dict) else {}
-        init = create.get("init")
-        if init is not None and _code(init) is None:
-            return f"init script file {init.get('file') if isinstance(init, dict) else init!r} is not available"
-        if "check" in ev:
-            chain = ev["check"] if isinstance(ev["check"], list) else [ev["check"]]
-            for entry in chain:
-                if entry is None:
-                    if _code(ev.get("example")) is None:
-                        return f"example script {ev.get('example')!r} is not available"
-                elif _checker_name(entry) is None:
-                    return f"check script {entry.get('file') if isinstance(entry, dict) else entry!r} is not available"
-        return None
 
     # ------------------------------------------------------------------ episode
 
-    def _new_box(self, task: Task) -> Sandbox:
-        rec = task.data
-        box = Sandbox(self.limits)
+    def _new_box(self, spec: OSTask) -> Sandbox:
+        box = Sandbox(self.limits, uid_mode=self.uid_mode, writable=os_tasks.usr_files(spec),
+                      workdir=self.workdir)
         try:
-            create = rec.get("create") if isinstance(rec.get("create"), dict) else {}
-            init = _code(create.get("init"))
-            if init:
-                box.run(init, timeout=60.0)
-            if isinstance(rec.get("start"), str):
-                box.start(rec["start"])
+            for script in spec.init:  # AgentBench runs them and ignores how they end
+                rep = box.run(script.code, timeout=self.script_timeout, lang=script.language)
+                if rep["rc"] != 0:
+                    log.debug("os: init script (%s) ended with %s: %s", script.source,
+                              rep["rc"], rep["stderr"][-500:])
+            if spec.start is not None:
+                box.start(_as_bash(spec.start), timeout=self.command_timeout)
         except BaseException:
             box.close()
             raise
         return box
 
     def start(self, task: Task) -> List[Dict[str, Any]]:
-        self.box = self._new_box(task)
-        self.expected: Optional[str] = None
+        self.spec = self.specs[task.id]
+        self.box = self._new_box(self.spec)
+        self._last_output: Optional[str] = None
         return [
             {"role": "user", "content": OS_PROMPT + "Now, my problem is:\n\n" + ONE_SHOT[0]["content"]},
             *[dict(m, loss=False) if m["role"] == "assistant" else dict(m) for m in ONE_SHOT[1:]],
             {"role": "user", "content": "Now, I will start a new problem in a new OS. My problem is:\n\n"
-                                        + task.data["description"]},
+                                        + self.spec.description},
         ]
 
     def act(self, action: str) -> StepResult:
@@ -225,58 +247,72 @@ class OSEnv(Env):
         if parsed["action"] is None:
             raise InvalidFormat(INVALID_FEEDBACK)
         if parsed["action"] == "bash":
-            if not (parsed["content"] or "").strip():
-                raise InvalidFormat(INVALID_FEEDBACK)
-            rep = self.box.shell(parsed["content"], timeout=self.command_timeout)
+            code = parsed["content"] or ""
+            # AgentBench sends even an empty block to its shell; that prints nothing.
+            rep = (self.box.shell(code, timeout=self.command_timeout) if code.strip()
+                   else {"output": "", "timed_out": False})
             out = rep["output"].replace("\r\n", "\n")
             if rep.get("timed_out"):
                 out += f"\n[command timed out after {self.command_timeout:g}s and was killed]"
+            self._last_output = out
             if len(out) > OBS_LIMIT:
-                out = out[:OBS_LIMIT - 20] + "\n[truncated because the output is too long]"
+                out = out[:OBS_KEEP] + "\n[truncated because the output is too long]"
             obs = f"The output of the OS:\n\n{out}" if out else "The output of the OS is empty."
             return StepResult(obs, info={"timed_out": bool(rep.get("timed_out"))})
-        answer = parsed["content"]
-        ok, info = self._judge(answer)
+        ok, info = self._judge(parsed["content"])
         return StepResult("", reward=1.0 if ok else 0.0, done=True, info=info)
 
-    def _judge(self, answer: Optional[str]) -> tuple:
-        ev = self.current.data["evaluation"]
+    def _judge(self, answer: Optional[str]) -> Tuple[bool, Dict[str, Any]]:
+        """AgentBench's judgement of ``answer`` (None after ``finish``)."""
+        spec = self.spec
         info: Dict[str, Any] = {"answer": answer}
-        if "match" in ev:
-            info["expected"] = ev["match"]
-            return answer is not None and answer.strip() == str(ev["match"]).strip(), info
-        chain = ev["check"] if isinstance(ev["check"], list) else [ev["check"]]
+        if spec.match is not None:
+            if isinstance(answer, str) and spec.match.get("strip"):
+                answer = answer.strip()
+            if "answer" in spec.match:
+                info["expected"] = spec.match["answer"]
+                return answer == spec.match["answer"], info
+            info["expected"] = f"regex {spec.match['regex']}"
+            return isinstance(answer, str) and re.search(spec.match["regex"], answer) is not None, info
         params = [str(answer)]
-        for entry in chain:
-            if entry is None:
-                params.append(self.expected_output())
-                info["expected"] = params[-1]
-            elif not check(_checker_name(entry), params[0], params[-1]):
+        info["checks"] = []
+        for script in spec.check or []:
+            is_example = script is None
+            script = spec.example if script is None else script
+            rep = self.box.run(script.code, timeout=self.script_timeout, args=params,
+                               lang=script.language, merge=True)  # docker exec: both streams
+            info["checks"].append({"source": "example" if is_example else script.source,
+                                   "rc": rep["rc"], "output": rep["output"][-500:]})
+            if is_example:
+                info["expected"] = rep["output"]
+            if rep["rc"] != 0:
                 return False, info
+            params.append(rep["output"])
         return True, info
 
     def expected_output(self) -> str:
-        """``evaluation.example`` run in a fresh copy of the task's environment (cached)."""
-        if self.expected is None:
-            box = self._new_box(self.current)
-            try:
-                rep = box.run(_code(self.current.data["evaluation"]["example"]), timeout=60.0)
-            finally:
-                box.close()
-            self.expected = rep["output"]
-        return self.expected
+        """``evaluation.example``'s output in the running episode's sandbox (what a check chain's
+        ``null`` entry compares the answer with)."""
+        if self.current is None or self.box is None or self.spec.example is None:
+            raise EnvError("os: expected_output() needs a running episode of a task with an example")
+        ex = self.spec.example
+        return self.box.run(ex.code, timeout=self.script_timeout, lang=ex.language, merge=True)["output"]
 
     def expert_action(self) -> str:
         if self.current is None:
             raise EnvError("os: expert_action() needs a running episode")
-        ev = self.current.data["evaluation"]
-        if "match" in ev:
-            return f"Think: I know the answer.\n\nAct: answer({ev['match']})"
-        example = _code(ev.get("example"))
+        spec = self.spec
+        if spec.match is not None and "answer" in spec.match:
+            return f"Think: I know the answer.\n\nAct: answer({spec.match['answer']})"
+        if spec.example is None:
+            raise EnvError(f"os: task {self.current.id} has neither an example nor a match "
+                           "answer: no scripted expert")
         if self.turns == 0:
-            return f"Think: I will compute it with a command.\n\nAct: bash\n\n```bash\n{example}\n```"
-        out = self.last.observation if self.last else ""
-        out = out.split("The output of the OS:\n\n", 1)[-1].strip()
-        if out == "The output of the OS is empty.":
-            out = ""
+            return (f"Think: I will do it with a command.\n\nAct: bash\n\n```bash\n"
+                    f"{_as_bash(spec.example)}\n```")
+        out = (self._last_output or "").strip()
+        if spec.check is not None and None not in spec.check and (not out or "\n" in out):
+            # a task that changes the system; a one-line output is still answered, since its
+            # checks may read the answer (std-004-Q47: the path of the file it moved)
+            return "Think: The command made the change.\n\nAct: finish"
         return f"Think: The output gives the answer.\n\nAct: answer({out})"

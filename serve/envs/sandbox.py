@@ -5,22 +5,28 @@ What an episode gets, and what it cannot do:
 * **Root filesystem**: a fresh tmpfs of ``disk_mb`` (writes beyond it fail with ENOSPC; nothing is
   written to the host disk), holding a project-made ``/etc`` (Debian's default users and groups,
   the host's tool configuration: alternatives, PAM, login.defs, skel, ...; no host secrets), the
-  host's ``/usr`` read-only (the tools: bash, coreutils, python3, useradd, su, find, awk, ...),
-  its own ``/proc`` and a minimal ``/dev``. Nothing else of the host is visible.
-* **Identity**: root inside a fresh user namespace whose uids 0..65535 map to an unprivileged
-  host uid range chosen per episode, so "root" has no power over anything outside (no mknod,
-  mount of host devices, ptrace of host processes, writes to /proc/sys); ``useradd``, ``chown``,
-  ``su`` work inside.
+  host's ``/usr`` under a copy-on-write overlay (the tools: bash, coreutils, python3, useradd, su,
+  find, awk, ...; new files anywhere in /usr land in a second tmpfs of ``disk_mb``; see
+  sandbox_executor.py for what stays read-only), its own ``/proc`` and a minimal ``/dev``.
+  Nothing else of the host is visible.
+* **Identity**: root inside a fresh user namespace. Which host ids back the inside ids depends on
+  the mode (serve/envs/sandbox_idmap.py): as root, uids 0..65535 map to an unprivileged host range
+  chosen per episode; without root, the caller's uid plus its ``/etc/subuid`` range via
+  ``newuidmap`` (rootless podman's way); failing both, a single uid (no other users inside).
+  Either way "root" has no power over anything outside (no mknod, mount of host devices, ptrace
+  of host processes, writes to /proc/sys); with more than one uid ``useradd``, ``chown``, ``su``
+  work inside.
 * **Namespaces**: own PID (the host's processes are invisible; all processes die with the
   episode), network (loopback only: no connection can leave), IPC, UTS (hostname ``sandbox``).
-* **Limits**: processes per episode (RLIMIT_NPROC on the mapped uid: fork bombs stop there),
-  address space and CPU seconds per process, file size, open files; every agent command has a
-  wall-clock timeout after which its process group is killed and the shell restarts.
+* **Limits**: processes per episode (RLIMIT_NPROC of the sandbox's root, counted per user
+  namespace on kernels >= 5.14: fork bombs stop there), address space and CPU seconds per
+  process, file size, open files; every agent command has a wall-clock timeout after which its
+  process group is killed and the shell restarts.
 
 Start-up is ~0.1 s (no image to pull): the template (``/etc``, executor, shim) is built once per
 machine and user and cached in the temp directory, keyed by its content.
-Requires ``bwrap`` (Debian: bubblewrap), user namespaces, and root (mapping a whole uid range
-needs CAP_SETUID in the parent namespace; CI runs as root); ``SandboxUnavailable`` says why not.
+Requires ``bwrap`` (Debian: bubblewrap) and user namespaces (``SandboxUnavailable`` says why not);
+root, or ``newuidmap``/``newgidmap`` with a /etc/subuid range, for more than one uid inside.
 """
 
 from __future__ import annotations
@@ -29,16 +35,16 @@ import hashlib
 import json
 import logging
 import os
-import random
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
+
+from serve.envs import sandbox_idmap as idmap
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +72,6 @@ if [ "$(id -u)" != 0 ]; then echo "sudo: a password is required" >&2; exit 1; fi
 [ $# -eq 0 ] && exec bash --login
 if [ "$user" != root ]; then exec su -s /bin/bash "$user" -c "$(printf '%q ' "$@")"; fi
 exec "$@"
-"""
-
-
-# Runs in a fresh interpreter: enter a new user namespace, wait for the parent to write the
-# uid/gid maps (only a privileged parent can map a whole range), become root there, exec bwrap.
-_HELPER = """
-import ctypes, os, resource, sys
-sync_w, go_r, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.unshare(0x10000000) != 0:
-    sys.stderr.write("unshare(CLONE_NEWUSER) failed: errno %d\\n" % ctypes.get_errno())
-    os._exit(97)
-os.write(sync_w, b"u")
-if os.read(go_r, 1) != b"g":
-    os._exit(98)
-os.setgid(0)
-os.setgroups([])
-os.setuid(0)
-resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-os.close(sync_w)
-os.close(go_r)
-os.execv(sys.argv[4], sys.argv[4:])  # absolute path: no imports after setuid
 """
 
 
@@ -145,6 +129,12 @@ def _read_master(kind: str) -> List[str]:
         return []
 
 
+def _unreadable(folder: str, names: List[str]) -> List[str]:
+    """copytree filter: what this (maybe unprivileged) user cannot read is left out."""
+    return [n for n in names if not os.path.islink(os.path.join(folder, n))
+            and not os.access(os.path.join(folder, n), os.R_OK)]
+
+
 def build_template(root: str) -> str:
     """The read-only part every sandbox starts from: /etc, the executor, the sudo shim."""
     etc = os.path.join(root, "etc")
@@ -155,8 +145,9 @@ def build_template(root: str) -> str:
         if os.path.islink(src):
             os.symlink(os.readlink(src), dst)
         elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, ignore_dangling_symlinks=True)
-        elif os.path.isfile(src):
+            shutil.copytree(src, dst, symlinks=True, ignore_dangling_symlinks=True,
+                            ignore=_unreadable)
+        elif os.path.isfile(src) and os.access(src, os.R_OK):
             shutil.copy(src, dst)
     _passwd_files(etc)
     os.makedirs(os.path.join(etc, "profile.d"), exist_ok=True)
@@ -164,6 +155,8 @@ def build_template(root: str) -> str:
         f.write('PATH="$PATH:/.sandbox/bin"\n')  # login shells reset PATH; keep the sudo shim
     shutil.copy(os.path.join(os.path.dirname(__file__), "sandbox_executor.py"),
                 os.path.join(root, "executor.py"))
+    with open(os.path.join(root, "hidden.json"), "w") as f:
+        json.dump(unreadable_dirs("/usr"), f)
     os.makedirs(os.path.join(root, "bin"))
     shim = os.path.join(root, "bin", "sudo")
     with open(shim, "w") as f:
@@ -180,6 +173,24 @@ def build_template(root: str) -> str:
                 os.chmod(p, os.stat(p).st_mode | 0o444)
     os.chmod(root, 0o755)
     return root
+
+
+def unreadable_dirs(top: str) -> List[str]:
+    """Directories under ``top`` that other users cannot list or enter (e.g. polkit's 0700
+    rules.d): inside, host files belong to an unmapped user, so the sandbox's root is "other"
+    there. The sandbox covers them with empty directories."""
+    out: List[str] = []
+    for dirpath, dirnames, _ in os.walk(top, onerror=lambda e: None):
+        for name in list(dirnames):
+            path = os.path.join(dirpath, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if mode & 0o005 != 0o005:
+                out.append(path)
+                dirnames.remove(name)
+    return out
 
 
 def sandbox_python() -> Optional[str]:
@@ -201,7 +212,10 @@ def _template_key() -> str:
     with open(os.path.join(os.path.dirname(__file__), "sandbox_executor.py"), "rb") as f:
         h.update(f.read())
     h.update(SUDO_SHIM.encode())
-    for name in ETC_ALLOW + ("../usr/share/base-passwd/passwd.master", "../usr/share/base-passwd/group.master"):
+    # dpkg's status changes with every package install: /usr's unreadable directories are
+    # listed again then.
+    for name in ETC_ALLOW + ("../usr/share/base-passwd/passwd.master", "../usr/share/base-passwd/group.master",
+                             "../var/lib/dpkg/status"):
         try:
             st = os.lstat(os.path.join("/etc", name))
             h.update(f"{name}:{st.st_mtime_ns}:{st.st_size};".encode())
@@ -241,7 +255,8 @@ def template_dir() -> str:
         return _template
 
 
-def _bwrap_argv(template: str, limits: SandboxLimits) -> List[str]:
+def _bwrap_argv(template: str, limits: SandboxLimits, writable: Sequence[str] = (),
+                workdir: str = "/") -> List[str]:
     argv = [shutil.which("bwrap") or "/usr/bin/bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
             "--size", str(limits.disk_mb * 1024 * 1024), "--tmpfs", "/",
@@ -252,66 +267,75 @@ def _bwrap_argv(template: str, limits: SandboxLimits) -> List[str]:
             argv += ["--symlink", os.readlink(host), host]
         elif os.path.isdir(host):
             argv += ["--ro-bind", host, host]
+    try:
+        with open(os.path.join(template, "hidden.json")) as f:
+            hidden = json.load(f)
+    except (OSError, ValueError):
+        hidden = []
+    config = {"limits": limits.rlimits(), "usr_mb": limits.disk_mb, "writable": list(writable),
+              "hidden": hidden, "workdir": workdir}
+    # Working directory "/" like AgentBench's containers (the ubuntu image sets no WORKDIR).
     argv += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", template, "/.sandbox",
              "--chdir", "/", "--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", "/root",
              "--setenv", "USER", "root", "--setenv", "LANG", "C.UTF-8", "--setenv", "TERM", "dumb",
-             "--setenv", "AGT_LIMITS", json.dumps(limits.rlimits()),
+             "--setenv", "AGT_CONFIG", json.dumps(config),
              sandbox_python() or "/usr/bin/python3", "-I", "-S", "/.sandbox/executor.py"]
     return argv
 
 
 class Sandbox:
-    """One running sandbox. Not thread-safe: one episode drives it."""
+    """One running sandbox. Not thread-safe: one episode drives it.
 
-    def __init__(self, limits: Optional[SandboxLimits] = None, start_timeout: float = 20.0) -> None:
+    ``uid_mode``: auto | range | subid | single (serve/envs/sandbox_idmap.py). ``writable``:
+    files under /usr that must be changeable inside (copied into the overlay's upper layer,
+    since host files appear owned by an unmapped user there). ``workdir``: the working
+    directory of the shell and of ``run`` (must exist in a fresh sandbox: ``/``, ``/root``)."""
+
+    def __init__(self, limits: Optional[SandboxLimits] = None, start_timeout: float = 20.0,
+                 uid_mode: str = "auto", writable: Sequence[str] = (), workdir: str = "/") -> None:
         self.limits = limits or SandboxLimits()
-        argv = _bwrap_argv(template_dir(), self.limits)
-        uid_base = (1 << 20) + random.randrange(60000) * 65536  # per-episode unprivileged range
+        self.pid: Optional[int] = None
+        self._in = self._out = None
         self._stderr = tempfile.TemporaryFile()
+        try:
+            self.id_plan = idmap.resolve(uid_mode)
+        except ValueError as exc:
+            self._stderr.close()
+            raise SandboxUnavailable(str(exc)) from None
+        argv = _bwrap_argv(template_dir(), self.limits, writable, workdir)
         in_r, self._in = os.pipe()
         self._out, out_w = os.pipe()
-        sync_r, sync_w = os.pipe()  # child -> parent: "user namespace created"
-        go_r, go_w = os.pipe()  # parent -> child: "uid map written"
-        # A fresh helper process (not os.fork: forking a process that runs gRPC/Ray threads can
-        # leave the child multi-threaded, and unshare(CLONE_NEWUSER) then fails with EINVAL).
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-S", "-c", _HELPER, str(sync_w), str(go_r), str(self.limits.nproc), *argv],
-                stdin=in_r, stdout=out_w, stderr=self._stderr, pass_fds=(sync_w, go_r), close_fds=True)
-        except OSError as exc:
-            raise SandboxUnavailable(f"cannot start the sandbox helper: {exc}") from None
-        pid, self.proc = proc.pid, proc
-        self.pid, self._buf = pid, b""
-        for fd in (in_r, out_w, sync_w, go_r):
-            os.close(fd)
-        try:
-            ready, _, _ = select.select([sync_r], [], [], start_timeout)
-            if not ready or os.read(sync_r, 1) != b"u":
-                try:
-                    proc.wait(timeout=1.0)  # let the helper finish writing its error
-                except subprocess.TimeoutExpired:
-                    pass
-                raise SandboxUnavailable(f"cannot create a user namespace: {self._stderr_text()}")
             try:
-                for name in ("uid_map", "gid_map"):
-                    with open(f"/proc/{pid}/{name}", "w") as f:
-                        f.write(f"0 {uid_base} 65536\n")
-            except OSError as exc:
-                raise SandboxUnavailable(f"cannot map uids into the sandbox (needs root): {exc}") from None
-            os.write(go_w, b"g")
+                proc = idmap.spawn(self.id_plan, argv, nproc=self.limits.nproc, stdin=in_r,
+                                   stdout=out_w, stderr=self._stderr)
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+        except idmap.IdMapError as exc:
+            self.close()
+            raise SandboxUnavailable(str(exc)) from None
+        except (OSError, RuntimeError) as exc:
+            detail = self._stderr_text()
+            self.close()
+            raise SandboxUnavailable(f"{exc}: {detail}") from None
+        self.proc, self.pid, self._buf = proc, proc.pid, b""
+        try:
             try:
                 hello = self._reply(start_timeout)
             except SandboxBroken:
                 time.sleep(0.3)  # let the child finish writing its error
-                raise SandboxUnavailable(f"sandbox did not start: {self._stderr_text()}") from None
+                why = self._stderr_text()
+                if "Can't mount proc" in why:  # the kernel refuses a new procfs under a masked one
+                    why += (" (this container's /proc is masked: run it with procMount: Unmasked "
+                            "or privileged; see docs/environments.md, OS sandbox in containers)")
+                raise SandboxUnavailable(f"sandbox did not start: {why}") from None
             if not hello.get("ready"):
                 raise SandboxUnavailable(f"sandbox did not start: {hello}")
+            self.usr = str(hello.get("usr", ""))  # "overlay" or why /usr stayed read-only
         except BaseException:
             self.close()
             raise
-        finally:
-            os.close(sync_r)
-            os.close(go_w)
 
     def _stderr_text(self) -> str:
         try:
@@ -349,14 +373,18 @@ class Sandbox:
         """Run ``cmd`` in the persistent agent shell: {output, rc, timed_out[, restarted]}."""
         return self._call({"op": "shell", "cmd": cmd, "timeout": timeout}, timeout)
 
-    def run(self, cmd: str, timeout: float = 30.0, args: Sequence[str] = (), lang: str = "bash") -> Dict[str, Any]:
-        """Run an independent script (init, example, checker): {output, stderr, rc, timed_out}."""
+    def run(self, cmd: str, timeout: float = 30.0, args: Sequence[str] = (), lang: str = "bash",
+            merge: bool = False) -> Dict[str, Any]:
+        """Run an independent script (init, example, checker) like ``docker exec``: ``bash -c
+        cmd -- args`` or ``python3 -c cmd args``, cwd /, until the process exits (background
+        children live on). {output, stderr, rc, timed_out}; ``merge``: stderr into output."""
         return self._call({"op": "run", "cmd": cmd, "timeout": timeout, "args": list(args),
-                           "lang": lang}, timeout)
+                           "lang": lang, "merge": merge}, timeout)
 
-    def start(self, cmd: str) -> None:
-        """Start a background process (the task's ``start`` program)."""
-        self._call({"op": "start", "cmd": cmd}, 5.0)
+    def start(self, cmd: str, timeout: float = 10.0) -> Dict[str, Any]:
+        """Run the task's ``start`` code in the agent's shell, as AgentBench types it into its
+        interactive shell (``var=3``, ``cd``, ``su - jack`` and ``prog &`` all persist)."""
+        return self.shell(cmd, timeout=timeout)
 
     def alive(self) -> bool:
         return self.pid is not None and self.proc.poll() is None

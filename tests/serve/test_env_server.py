@@ -41,7 +41,7 @@ def _deploy(bench_data):
 
     envs = {"db": {"path": str(bench_data / "agentbench/dbbench_dev.jsonl")}}
     if HAVE_BWRAP:
-        envs["os"] = {"path": str(bench_data / "agentbench/os_dev.json"), "options": {"command_timeout": 5}}
+        envs["os"] = {"path": str(bench_data / "agentbench/os_dev.json"), "options": {"command_timeout": 30}}
     # Two replicas: every session request must reach the replica holding it (SessionRouter).
     app = EnvServer.options(num_replicas=2, ray_actor_options={"num_cpus": 0}).bind(envs, 64, 600.0)
     serve.run(app, name="envs_test", route_prefix="/")
@@ -85,7 +85,8 @@ def test_list_envs(server):
 
 def test_50_concurrent_expert_sessions_over_http(server):
     jobs = [("db", str(i)) for i in range(35)]
-    jobs += [("os", t) for t in ["0", "6", "7", "8", "9", "11", "12", "13", "14", "17", "18", "21", "22", "23", "24"]]
+    # Not dev 8: AgentBench's own size-match.py cannot parse du's "4.0K" (it fails there too).
+    jobs += [("os", t) for t in ["0", "3", "6", "7", "9", "11", "12", "13", "14", "17", "18", "21", "22", "23", "24"]]
     if not HAVE_BWRAP:
         jobs = [("db", str(i)) for i in range(50)]
     t0 = time.monotonic()
