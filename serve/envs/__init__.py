@@ -11,6 +11,7 @@ import importlib
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from serve.envs.base import (
+    _REGISTRY,
     Env,
     EnvError,
     Episode,
@@ -22,7 +23,6 @@ from serve.envs.base import (
     Task,
     TaskSetupError,
     UnknownTask,
-    _REGISTRY,
     register,
     run_episode,
 )

@@ -1,10 +1,28 @@
-"""MiniWoB++ (held-out): the PyPI ``miniwob`` task pages in headless Chromium, driven by element refs.
+"""MiniWoB++ (held-out): MiniWoB++ task pages in headless Chromium, driven by element refs.
 
-Tasks are ``<task-name>/<seed>``: ``task_names`` (default: the 46 task names listed by
-AgentTuning's held-out MiniWoB++ evaluation, ``available_tasks.txt``) × ``episodes_per_task`` seeds;
-``path`` may instead name a JSON list of such ids. Each episode loads the task page from the
-package, seeds its generator (``Math.seedrandom``), uses the package's ``test`` data mode and lifts
-the page's 10-second episode timer (an LLM turn takes longer; ``episode_time_limit_s``).
+Protocol of AgentTuning's ``eval_heldout/miniwob++`` (the RCI agent's harness, ``computergym``):
+
+* Tasks are ``<task-name>/<seed>``: ``task_names`` (default: the 46 names of AgentTuning's
+  ``available_tasks.txt``) × ``episodes_per_task`` seeds (default 10, as ``eval-tgi.sh`` runs
+  ``--num-episodes 10``) from ``first_seed`` (default 0); ``path`` may instead name a JSON list
+  of such ids.
+* Pages: by default the PyPI ``miniwob`` package's own task pages. ``pages_dir`` names a folder
+  of ``<task>.html`` pages that the user provides (AgentTuning's copy of the pages, from its
+  ``computergym`` folder, is the intended use; it is not shipped with this project): they are
+  served over the package's ``core``/``common`` files, and tasks the folder lacks keep the
+  package's page. AgentTuning's copy scores some tasks differently (e.g. click-checkboxes is
+  all-or-nothing there, partial credit in the package): docs/environments_heldout.md.
+* Each episode seeds the page's generator (``Math.seedrandom``) and uses data mode ``train``
+  (computergym's default ``initial_mode``). Episode timer (``episode_time_limit_s``): with the
+  package's pages (timed for humans, 10-30 s) the default is 3600 s; with ``pages_dir``, None
+  (default) keeps each page's own timer and, where a page sets none, RCI's core.js default of
+  1000 s; a number applies to every page.
+* Success (``main.py``): the episode's MiniWoB reward (``WOB_REWARD_GLOBAL``, time-discounted) is
+  > 0. reward = 1.0 on success else 0.0, so the mean reward is the success rate; ``info`` keeps
+  ``env_reward``, ``raw_reward`` (not time-discounted, −1 … 1) and ``success``. An episode that
+  ends without the page finishing (turn limit, bad output) is a failure. The reported number
+  (``paper_score``, metric ``"success_rate"``) is successes / episodes over all tasks ×100, as
+  ``metrics.py`` counts its episode files.
 
 Observation: the task's instruction and a text rendering of the task area's DOM, one element per
 line, indented by depth::
@@ -16,8 +34,8 @@ Actions (one per turn, after ``Action:``; a bare action line is accepted too):
 ``click(<ref>)`` clicks the element; ``type(<ref>, "<text>")`` clicks it, selects its content
 (Ctrl+A) and types the text, so it replaces what was there;
 ``press("<key>")`` presses a key (``Enter``, ``Tab``, ``Backspace``, ... or ``C-a`` style
-combinations). Reward: the task's own raw reward clipped to [0, 1] (MiniWoB gives -1 for a
-failed episode); ``info["raw_reward"]`` keeps it unclipped.
+combinations). The RCI agent's multi-call loop (plan, self-critique, xpath actions) is a policy,
+not part of the environment: see docs/environments_heldout.md for that deviation.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (or ``MINIWOB_CHROME_BINARY`` and
 ``MINIWOB_CHROMEDRIVER``). Browsers are pooled per replica (``max_browsers``), reused across
@@ -28,13 +46,16 @@ episodes, replaced when dead, and a step over ``step_timeout_s`` ends the episod
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from serve.envs.pool import BackendPool, PooledBackendMixin
 from serve.envs.base import Env, EnvError, InvalidAction, InvalidFormat, StepResult, Task, read_json, register
@@ -53,6 +74,12 @@ AGENTTUNING_TASKS = (
     "login-user navigate-tree search-engine simple-algebra social-media-all social-media-some "
     "social-media terminal use-spinner"
 ).split()
+# Where AgentTuning's own copy of the pages lives in THUDM/AgentTuning (for error messages and docs).
+AGENTTUNING_PAGES_SOURCE = ("THUDM/AgentTuning eval_heldout/miniwob++/computergym/computergym/miniwob/"
+                            "miniwob_interface/html/miniwob")
+PACKAGE_CORE_TIMER_MS = 10000  # the miniwob package's core.js default
+RCI_CORE_TIMER_MS = 1000000  # AgentTuning's (RCI's) core.js default: 1000 s
+PACKAGE_PAGES_TIMER_S = 3600.0  # package pages are timed for humans (10-30 s): far too short for a model
 
 INSTRUCTION = """You operate a web page to complete a task. Each turn you see the task and the page's elements, one per line as "[ref] tag #id .class "text" value=..." (indented by nesting).
 Answer with one line "Thought: <your reasoning>" and one line "Action: <action>", where the action is one of:
@@ -141,6 +168,54 @@ def _selenium_key(key: str) -> str:
     return mods + key
 
 
+# ---------------------------------------------------------------------- pages
+
+
+_overlays: Dict[str, str] = {}
+_overlay_lock = threading.Lock()
+
+
+def page_root(pages_dir: Optional[str] = None) -> str:
+    """A folder laid out like the package's ``html/`` whose ``miniwob/<task>.html`` are the pages
+    to serve: the package's own (``pages_dir`` None) or the ``<task>.html`` files of ``pages_dir``.
+
+    A page folder is overlaid on the package's tree (symlinks in a temporary folder, built once
+    per process and removed at exit), so its pages' ``../core`` and ``../common`` references
+    resolve to the package's files and tasks it lacks keep the package's page.
+    """
+    try:
+        from miniwob.selenium_instance import HTML_DIR
+    except ImportError as exc:
+        raise EnvError(f"miniwob needs the PyPI package 'miniwob' (pip install miniwob): {exc}") from None
+    package = str(HTML_DIR)
+    if pages_dir is None:
+        return package
+    source = os.path.expanduser(str(pages_dir))
+    fix = f"(for the paper's pages: a copy of {AGENTTUNING_PAGES_SOURCE}, see docs/environments_heldout.md)"
+    if not os.path.isdir(source):
+        raise EnvError(f"miniwob: option 'pages_dir' must be a folder of <task>.html pages {fix}; "
+                       f"{source!r} is not a folder")
+    if not any(entry.endswith(".html") for entry in os.listdir(source)):
+        raise EnvError(f"miniwob: option 'pages_dir' {source!r} holds no <task>.html page {fix}")
+    source = os.path.realpath(source)
+    with _overlay_lock:
+        if source not in _overlays:
+            root = tempfile.mkdtemp(prefix="agenttuning-miniwob-")
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+            for entry in os.listdir(package):
+                if entry != "miniwob":
+                    os.symlink(os.path.join(package, entry), os.path.join(root, entry))
+            os.mkdir(os.path.join(root, "miniwob"))
+            for folder in (os.path.join(package, "miniwob"), source):  # the user's pages win
+                for entry in os.listdir(folder):
+                    link = os.path.join(root, "miniwob", entry)
+                    if os.path.lexists(link):
+                        os.remove(link)
+                    os.symlink(os.path.join(folder, entry), link)
+            _overlays[source] = root
+        return _overlays[source]
+
+
 # ---------------------------------------------------------------------- browser
 
 
@@ -182,17 +257,21 @@ class MiniWoBEnv(PooledBackendMixin, Env):
     """MiniWoB++ tasks in pooled headless Chromium browsers."""
 
     default_max_turns = 15
+    metric = "success_rate"  # paper_score(): successes / episodes over all tasks, x100
 
     def __init__(self, path: Optional[str] = None, *, task_names: Optional[Sequence[str]] = None,
-                 episodes_per_task: int = 5, first_seed: int = 0, data_mode: str = "test",
-                 episode_time_limit_s: float = 3600.0, max_browsers: int = 4,
-                 step_timeout_s: float = 30.0, **options: Any) -> None:
-        from miniwob.selenium_instance import HTML_DIR  # only the page files; no browser yet
-
-        self.html_dir = os.path.join(str(HTML_DIR), "miniwob")
+                 episodes_per_task: int = 10, first_seed: int = 0, data_mode: str = "train",
+                 pages_dir: Optional[str] = None, episode_time_limit_s: Optional[float] = None,
+                 max_browsers: int = 4, step_timeout_s: float = 30.0, **options: Any) -> None:
+        self.pages_dir = pages_dir
+        self.html_dir = os.path.join(page_root(pages_dir), "miniwob")
         self.task_names = list(task_names or AGENTTUNING_TASKS)
         self.episodes_per_task, self.first_seed = int(episodes_per_task), int(first_seed)
-        self.data_mode, self.episode_time_limit_s = data_mode, float(episode_time_limit_s)
+        self.data_mode = data_mode
+        if episode_time_limit_s is None and pages_dir is None:
+            episode_time_limit_s = PACKAGE_PAGES_TIMER_S
+        # None: each page keeps its own timer (RCI's core.js default where it sets none)
+        self.episode_time_limit_s = None if episode_time_limit_s is None else float(episode_time_limit_s)
         self.step_timeout_s = step_timeout_s
         options.setdefault("max_invalid", options.get("max_turns") or self.default_max_turns)
         super().__init__(path, **options)
@@ -214,7 +293,8 @@ class MiniWoBEnv(PooledBackendMixin, Env):
             if not name or not seed.lstrip("-").isdigit():
                 self.skip(tid, "not '<task-name>/<seed>'")
             elif not os.path.isfile(os.path.join(self.html_dir, name + ".html")):
-                self.skip(tid, f"the installed miniwob package has no task {name!r}")
+                self.skip(tid, f"no task {name!r}: no page {name}.html in the miniwob package"
+                          + (f" or in pages_dir {self.pages_dir!r}" if self.pages_dir else ""))
             else:
                 tasks.append(Task(tid, {"task": name, "seed": int(seed)}, split=self.data_mode))
         return tasks
@@ -231,8 +311,13 @@ class MiniWoBEnv(PooledBackendMixin, Env):
             if d.execute_script("return typeof core !== 'undefined' && !!document.getElementById('sync-task-cover');"):
                 break
             time.sleep(0.05)
+        if self.episode_time_limit_s is not None:
+            timer = f"core.EPISODE_MAX_TIME = {int(self.episode_time_limit_s * 1000)};"
+        else:  # a page that sets no timer of its own gets RCI's core.js default, not the package's
+            timer = (f"if (core.EPISODE_MAX_TIME === {PACKAGE_CORE_TIMER_MS}) "
+                     f"core.EPISODE_MAX_TIME = {RCI_CORE_TIMER_MS};")
         d.execute_script(f"Math.seedrandom({json.dumps(str(seed))}); core.setDataMode({json.dumps(self.data_mode)});"
-                         f"core.EPISODE_MAX_TIME = {int(self.episode_time_limit_s * 1000)};")
+                         + timer)
         d.execute_script("core.startEpisodeReal();")
         for _ in range(100):
             if d.execute_script("return WOB_TASK_READY;"):
@@ -274,13 +359,16 @@ class MiniWoBEnv(PooledBackendMixin, Env):
                 self._call(execute_type_text, arg[1], self._backend)
         else:
             self._call(execute_press_key, _selenium_key(arg), self._backend)
-        meta = self._js("return {done: WOB_DONE_GLOBAL, raw_reward: WOB_RAW_REWARD_GLOBAL, reason: WOB_REWARD_REASON};")
+        meta = self._js("return {done: WOB_DONE_GLOBAL, env_reward: WOB_REWARD_GLOBAL, "
+                        "raw_reward: WOB_RAW_REWARD_GLOBAL, reason: WOB_REWARD_REASON};")
         if meta["done"]:
-            raw = float(meta["raw_reward"] or 0.0)
-            verdict = "succeeded" if raw > 0 else "failed"
-            return StepResult(f"The episode is over: the task {verdict} (reward {raw:g}).",
-                              reward=max(0.0, min(1.0, raw)), done=True,
-                              info={"raw_reward": raw, "reason": str(meta.get("reason"))})
+            env_reward, raw = float(meta["env_reward"] or 0.0), float(meta["raw_reward"] or 0.0)
+            success = env_reward > 0  # main.py: `if rewards[0] > 0: success += 1`
+            verdict = "succeeded" if success else "failed"
+            return StepResult(f"The episode is over: the task {verdict} (reward {env_reward:g}).",
+                              reward=1.0 if success else 0.0, done=True,
+                              info={"success": success, "env_reward": env_reward, "raw_reward": raw,
+                                    "reason": str(meta.get("reason"))})
         obs, _ = self._observe()
         return StepResult(obs)
 
@@ -290,3 +378,21 @@ class MiniWoBEnv(PooledBackendMixin, Env):
         if task not in SOLVERS:
             raise EnvError(f"miniwob: no scripted expert for task {task!r}; have {sorted(SOLVERS)}")
         return expert_action_for(task, self.utterance, task_area(self.dom))
+
+    # ------------------------------------------------------------------ reported metric
+
+    def paper_score(self, episodes: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
+        """AgentTuning's MiniWoB++ number from finished episodes (``task_id``, ``reward``).
+
+        ``score`` = successful episodes / all episodes over every task, ×100 (``metrics.py``
+        counts its ``success``/``fail`` episode files); per-task success rates beside it.
+        """
+        by_task: Dict[str, List[float]] = {}
+        for ep in episodes:
+            name = self.task(str(ep["task_id"])).data["task"]
+            by_task.setdefault(name, []).append(1.0 if float(ep["reward"]) > 0 else 0.0)
+        n = sum(len(v) for v in by_task.values())
+        wins = sum(sum(v) for v in by_task.values())
+        tasks = {name: {"n": len(v), "success_rate": 100 * sum(v) / len(v)} for name, v in sorted(by_task.items())}
+        return {"metric": self.metric, "score": 100 * wins / n if n else 0.0, "n": n, "successes": int(wins),
+                "tasks": tasks}

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from agenttuning.jsonl import iter_jsonl
 from serve.envs.base import EnvError
 from serve.envs.hotpotqa import exact_match, f1_score
 from serve.envs.rewoo_tools import ChatEndpoint
@@ -77,17 +77,8 @@ NOT_SHIPPED = {
 
 
 def _read_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EnvError(f"rewoo: {path}:{lineno}: not JSON: {exc}") from None
-            if not isinstance(rec, dict):
-                raise EnvError(f"rewoo: {path}:{lineno}: a record must be a JSON object")
-            yield lineno, rec
+    for lineno, rec, _ in iter_jsonl(path, error=EnvError, who="rewoo"):
+        yield lineno, rec
 
 
 def _read_csv(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:

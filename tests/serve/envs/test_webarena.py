@@ -319,7 +319,7 @@ def test_tabs_keys_and_navigation(env, shop):
     assert obs.startswith("OBSERVATION:\nTab 0: One Stop Market | Tab 1 (current): \n\n") and "URL: about:blank" in obs
     obs = env.step(f"```goto [{REAL}/products]```").observation
     assert "Tab 1 (current): All Products" in obs and f"URL: {REAL}/products\n" in obs
-    assert f"URL: about:blank" in env.step("```go_back```").observation
+    assert "URL: about:blank" in env.step("```go_back```").observation
     assert f"URL: {REAL}/products\n" in env.step("```go_forward```").observation
     obs = env.step("```tab_focus [0]```").observation
     assert "Tab 0 (current): One Stop Market | Tab 1: All Products" in obs and "PREVIOUS ACTION: page_focus [0]" in obs
