@@ -14,9 +14,13 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
+from agenttuning.cluster import ray_session
 from agenttuning.config import load_config, to_object
+from agenttuning.models import ensure_model
 from agenttuning.schema import PolicyConfig
 from serve.lifecycle import placement, serve_until_stopped
+from serve.llm import LLMServer
+from serve.rollout import RolloutServer
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model', 'serve')  # what `--help` lists
@@ -24,18 +28,17 @@ CONFIG_SECTIONS = ('model', 'serve')  # what `--help` lists
 
 def build_llm_app(cfg: DictConfig, model_path: Optional[str] = None, model_id: Optional[str] = None):
     """The model server application (``serve.llm.LLMServer``) for ``cfg.model``/``cfg.serve``."""
-    from serve.llm import LLMServer
 
     s, m = to_object(cfg.serve), to_object(cfg.model)
     m.name_or_path = model_path or m.name_or_path
     s.model_id = model_id or s.model_id
-    opts = placement(s.num_replicas, s.autoscaling, s.max_ongoing_requests, s.num_cpus, s.num_gpus)
+    opts = placement(s.num_replicas, s.autoscaling, s.max_ongoing_requests, s.num_cpus, s.num_gpus,
+                     s.max_queued_requests, s.retry_after_s)
     return LLMServer.options(**opts).bind(s, m)
 
 
 def build_rollout_app(cfg: DictConfig, policies: Dict[str, PolicyConfig]):
     """The rollout application for ``cfg.eval.tasks`` with the given (resolved) policies."""
-    from serve.rollout import RolloutServer
 
     r = cfg.serve.rollout
     return RolloutServer.options(
@@ -53,8 +56,6 @@ def llm_builder(args: Dict[str, str]):
 
 def main(cfg: DictConfig) -> None:
     """`agenttuning serve CONFIG`: deploy the model server and serve until stopped."""
-    from agenttuning.cluster import ray_session
-    from agenttuning.models import ensure_model
 
     ensure_model(cfg)
     with ray_session():

@@ -27,11 +27,32 @@ import torch
 from omegaconf import DictConfig
 from ray import serve
 
-from agenttuning.config import to_object
+from agenttuning.chat import load_tokenizer
+from agenttuning.cluster import ray_session
+from agenttuning.config import load_config, to_object
+from agenttuning.models import ensure_model, load_causal_lm, resolve_device
 from agenttuning.schema import EFTConfig, ModelConfig, ServeConfig
-from agenttuning.models import load_causal_lm, resolve_device
-from serve.eft_decoding import CausalLM, DecodeParams, DecodeStats, EFTDecoder, EFTModels, check_vocabularies
-from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings, build_openai_app
+from serve.auth import resolve_api_key
+from serve.eft_decoding import (
+    CausalLM,
+    DecodeParams,
+    DecodeStats,
+    EFTDecoder,
+    EFTModels,
+    ScoredToken,
+    check_vocabularies,
+)
+from serve.lifecycle import placement, serve_until_stopped
+from serve.openai_api import (
+    OpenAIChat,
+    OpenAIDeployment,
+    PromptLogprobs,
+    SamplingParams,
+    ServerSettings,
+    TokenLogprob,
+    build_openai_app,
+    run_local_server,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model', 'eft')  # what `--help` lists
@@ -85,10 +106,13 @@ class EFTBackend:
     """``serve.openai_api`` backend over an :class:`EFTDecoder`.
 
     ``lms`` maps role → a local :class:`CausalLM` or a :class:`RemoteLM` (separate placement).
+    Log-probs (``logprobs``, ``echo`` scoring) are those of the combined EFT distribution — the one
+    generation samples from — before temperature and top-p.
     """
 
+    supports_logprobs = True
+
     def __init__(self, eft: EFTConfig, model: ModelConfig, lms: Optional[Dict[str, Any]] = None):
-        from agenttuning.chat import load_tokenizer
 
         paths = model_paths(eft, model)
         trust = model.trust_remote_code
@@ -109,17 +133,23 @@ class EFTBackend:
         self.totals = DecodeStats()
         self._lock = threading.Lock()
 
-    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
-        """Token ids of the EFT model; stops at EOS without yielding it (openai_api contract)."""
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[Any]:
+        """The prompt's EFT log-probs when asked, then the EFT model's tokens (ids, or
+        ``TokenLogprob``s with ``params.logprobs``); stops at EOS without yielding it."""
         dp = DecodeParams(max_new_tokens=params.max_tokens, temperature=params.temperature,
                           top_p=params.top_p if not params.greedy else 1.0, stop_token_ids=self.eos_ids,
-                          seed=params.seed, speculative_k=self.speculative_k)
+                          seed=params.seed, speculative_k=self.speculative_k, logprobs=params.logprobs,
+                          prompt_logprobs=params.prompt_logprobs)
         st = DecodeStats()
         try:
-            for tok in self.decoder.generate(prompt_ids, dp, st):
-                if tok in self.eos_ids:
+            for item in self.decoder.decode(prompt_ids, dp, st):
+                if not isinstance(item, ScoredToken):  # the prompt's scores
+                    yield PromptLogprobs([None if e is None else TokenLogprob(e.token_id, e.logprob, e.top)
+                                          for e in item])
+                    continue
+                if item.token_id in self.eos_ids:
                     return
-                yield tok
+                yield item.token_id if params.logprobs is None else TokenLogprob(item.token_id, item.logprob, item.top)
         finally:
             self._account(st)
 
@@ -255,6 +285,8 @@ class EFTServer(OpenAIDeployment):
         # async: the worker handles must be awaited, a replica constructor runs in the event loop
         handles = {"large_base": large_base, "small_base": small_base, "small_ft": small_ft}
         lms = {r: RemoteLM(h, await h.info.remote()) for r, h in handles.items()} if large_base is not None else None
+        # The key is read here, in the replica (serve.auth): it never travels in the app's arguments.
+        self.api_key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
         self.backend = EFTBackend(eft, model, lms)
         self.chat_api = OpenAIChat(self.backend, server_settings(model, serve_cfg, self.backend))
 
@@ -268,8 +300,8 @@ def build_eft_app(cfg: DictConfig):
     eft, model, s = to_object(cfg.eft), to_object(cfg.model), to_object(cfg.serve)
     paths = model_paths(eft, model)
     check_models(paths, model.trust_remote_code)  # fail here, not in a replica
-    ingress_opts = {"max_ongoing_requests": eft.max_ongoing_requests,
-                    "ray_actor_options": {"num_cpus": eft.num_cpus, "num_gpus": eft.num_gpus}}
+    ingress_opts = placement(1, None, eft.max_ongoing_requests, eft.num_cpus, eft.num_gpus,
+                             s.max_queued_requests, s.retry_after_s)
     if eft.placement == "colocated":
         return EFTServer.options(**ingress_opts).bind(eft, model, s)
     workers = {}
@@ -286,7 +318,6 @@ def build_eft_app(cfg: DictConfig):
 
 def eft_builder(args: Dict[str, str]):
     """Entry for Serve config files / ``serve run serve.eft:eft_builder config=PATH [k=v ...]``."""
-    from agenttuning.config import load_config
 
     args = dict(args)
     path = args.pop("config", None)
@@ -295,11 +326,12 @@ def eft_builder(args: Dict[str, str]):
 
 def serve_without_ray(cfg: DictConfig) -> None:
     """``eft.use_ray=false``: the same OpenAI API from this process with plain uvicorn (development)."""
-    from serve.openai_api import run_local_server
 
+    s = to_object(cfg.serve)
+    api_key = resolve_api_key(s.api_key_env, s.api_key_file)
     backend = EFTBackend(to_object(cfg.eft), to_object(cfg.model))
-    settings = server_settings(to_object(cfg.model), to_object(cfg.serve), backend)
-    with run_local_server(build_openai_app(backend, settings), cfg.serve.host, cfg.serve.port) as url:
+    settings = server_settings(to_object(cfg.model), s, backend)
+    with run_local_server(build_openai_app(backend, settings, api_key), s.host, s.port) as url:
         print(f"serving EFT model '{backend.model_id}' at {url} (OpenAI-compatible, no Ray)", flush=True)
         while cfg.eft.blocking:  # until SIGINT/SIGTERM (agenttuning.cli)
             time.sleep(3600)
@@ -307,9 +339,6 @@ def serve_without_ray(cfg: DictConfig) -> None:
 
 def main(cfg: DictConfig) -> None:
     """`agenttuning eft CONFIG`: deploy the EFT server and serve until stopped."""
-    from agenttuning.cluster import ray_session
-    from agenttuning.models import ensure_model
-    from serve.lifecycle import serve_until_stopped
 
     if not cfg.eft.small_ft:
         ensure_model(cfg)  # the tiny default small model is built on first use

@@ -24,8 +24,8 @@ import inspect
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -198,6 +198,8 @@ class DecodeParams:
     stop_token_ids: Tuple[int, ...] = ()
     seed: Optional[int] = None
     speculative_k: int = 0
+    logprobs: Optional[int] = None  # per generated token: its EFT log-prob and this many alternatives
+    prompt_logprobs: Optional[int] = None  # per prompt token after the first: idem (one scoring pass)
 
     def check(self) -> None:
         if self.max_new_tokens < 0:
@@ -208,6 +210,28 @@ class DecodeParams:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
         if self.speculative_k < 0:
             raise ValueError(f"speculative_k must be >= 0, got {self.speculative_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
+
+
+@dataclass
+class ScoredToken:
+    """A token with its log-probability under the EFT distribution and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]] = field(default_factory=list)  # (token id, log-prob), most likely first
+
+
+def score_rows(rows: torch.Tensor, ids: Sequence[int], k: int) -> List[ScoredToken]:
+    """EFT log-prob rows [N, V] → the log-prob of ``ids[i]`` in row i and the row's top ``k``."""
+    chosen = rows.gather(-1, torch.as_tensor(list(ids), dtype=torch.long)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [ScoredToken(int(t), float(c)) for t, c in zip(ids, chosen)]
+    vals, alts = torch.topk(rows, k, dim=-1)
+    return [ScoredToken(int(t), float(c), list(zip(a, v)))
+            for t, c, a, v in zip(ids, chosen, alts.tolist(), vals.tolist())]
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -300,6 +324,17 @@ class EFTDecoder:
         self, prompt_ids: Sequence[int], params: DecodeParams, stats: Optional[DecodeStats] = None
     ) -> Iterator[int]:
         """Yield generated token ids (a stop token is yielded, then generation ends)."""
+        for item in self.decode(prompt_ids, params, stats):
+            if isinstance(item, ScoredToken):
+                yield item.token_id
+
+    def decode(
+        self, prompt_ids: Sequence[int], params: DecodeParams, stats: Optional[DecodeStats] = None
+    ) -> Iterator[Union[ScoredToken, List[Optional[ScoredToken]]]]:
+        """Like :meth:`generate`, with the EFT log-probs each token was chosen from (before
+        temperature / top-p): with ``params.prompt_logprobs`` first the prompt's scores (a list,
+        None for the first token), then a :class:`ScoredToken` per generated token (top
+        alternatives when ``params.logprobs`` > 0). ``max_new_tokens == 0``: the scores only."""
         params.check()
         prompt = list(prompt_ids)
         if not prompt:
@@ -309,43 +344,70 @@ class EFTDecoder:
         budget = params.max_new_tokens
         if self.max_positions is not None:
             room = self.max_positions - len(prompt)
-            if room <= 0:
-                raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {self.max_positions}-token context")
+            if room < (1 if budget > 0 else 0):
+                raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the "
+                                 f"{self.max_positions}-token context")
             budget = min(budget, room)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         gen = torch.Generator().manual_seed(seed)  # per request: reproducible, no global RNG state
         stop = set(params.stop_token_ids)
+        k_top = params.logprobs or 0
         sessions = self._open()
         t0 = time.perf_counter()
         try:
             pending = prompt  # tokens committed but not yet in the caches
             produced = 0
+            new: List[Tuple[int, torch.Tensor]] = []
+            if params.prompt_logprobs is not None:  # one scoring pass over the prompt, then decode on
+                scores, last = self._score_prompt(sessions, prompt, params.prompt_logprobs, stats)
+                yield scores
+                if budget > 0:
+                    new = [(self._sample(last, params, gen), last)]
             while produced < budget:
-                new = self._round(sessions, pending, params, gen, budget - produced - 1, stats)
-                for tok in new:
+                if not new:
+                    new = self._round(sessions, pending, params, gen, budget - produced - 1, stats)
+                for tok, row in new:
                     produced += 1
                     stats.generated = produced
-                    yield tok
+                    yield score_rows(row[None], [tok], k_top)[0]
                     if tok in stop:
                         stats.finish_reason = "stop"
                         return
-                pending = [new[-1]]
+                pending, new = [new[-1][0]], []
             stats.finish_reason = "length"
         finally:
             stats.seconds = time.perf_counter() - t0
             self._close(sessions)
 
+    def _score_prompt(self, sessions, prompt: List[int], k: int, stats: DecodeStats, chunk: int = 256):
+        """EFT scores of every prompt token and the EFT log-probs [V] of the token after the
+        prompt, from ONE forward pass per model; combined in chunks of positions to bound memory."""
+        stats.rounds += 1
+        futures = [s.submit(prompt, len(prompt)) for s in sessions]
+        logits_l, logits_b, logits_ft = (f.result() for f in futures)  # [T, V] each
+        scores: List[Optional[ScoredToken]] = [None]
+        last = None
+        for a in range(0, len(prompt), chunk):
+            b = min(a + chunk, len(prompt))
+            rows = eft_logprobs(logits_l[a:b], logits_ft[a:b], logits_b[a:b], self.beta)  # predict a+1..b
+            n_scored = min(b, len(prompt) - 1) - a
+            scores += score_rows(rows[:n_scored], prompt[a + 1: a + 1 + n_scored], k)
+            if b == len(prompt):
+                last = rows[-1]
+        return scores, last
+
     def _round(
         self, sessions, pending: List[int], params: DecodeParams, gen: torch.Generator, max_drafts: int, stats
-    ) -> List[int]:
-        """One decoding round: 1..k+1 new tokens; the caches end covering all of them but the last."""
+    ) -> List[Tuple[int, torch.Tensor]]:
+        """One decoding round: 1..k+1 new tokens, each with the EFT log-probs [V] it was chosen
+        from; the caches end covering all of them but the last."""
         large, base, ft = sessions
         greedy = params.temperature == 0.0
         k = min(params.speculative_k, max_drafts)
         stats.rounds += 1
         if k == 0:  # plain EFT step: one forward pass per model, one new token
             target = self._verify(sessions, pending, keep=1)[0]
-            return [self._sample(target, params, gen)]
+            return [(self._sample(target, params, gen), target)]
 
         # Draft k tokens with the small fine-tuned model from its own processed distribution q.
         committed_len = large.length + len(pending)
@@ -372,12 +434,12 @@ class EFTDecoder:
         futures = [large.submit(fed, k + 1), base.submit(fed, k + 1)]
         logits_l, logits_b = (f.result() for f in futures)
         target = eft_logprobs(logits_l[:k], torch.stack(ft_rows), logits_b[:k], self.beta)  # [k, V]
-        out: List[int] = []
+        out: List[Tuple[int, torch.Tensor]] = []
         accepted = 0
         for i, d in enumerate(drafts):
             if greedy:
                 best = int(torch.argmax(target[i]))
-                out.append(best)
+                out.append((best, target[i]))
                 if best != d:
                     break
             else:
@@ -386,16 +448,18 @@ class EFTDecoder:
                 if float(torch.rand((), generator=gen, dtype=torch.float64)) >= float(p[d] / q[d]):
                     residual = torch.clamp(p - q, min=0.0)
                     # With p == q a rejection is impossible; should float rounding cause one, sample p.
-                    out.append(int(torch.multinomial(residual if float(residual.sum()) > 0 else p, 1, generator=gen)))
+                    tok = int(torch.multinomial(residual if float(residual.sum()) > 0 else p, 1, generator=gen))
+                    out.append((tok, target[i]))
                     break
-                out.append(d)
+                out.append((d, target[i]))
             accepted += 1
         stats.accepted += accepted
         if accepted == k:
             # Bonus token from the target after the last draft; only the fine-tuned model has not
             # seen the last draft yet (its cache is one token short).
             ft_last = ft.submit([drafts[-1]], 1).result()[0]
-            out.append(self._sample(eft_logprobs(logits_l[k], ft_last, logits_b[k], self.beta), params, gen))
+            bonus = eft_logprobs(logits_l[k], ft_last, logits_b[k], self.beta)
+            out.append((self._sample(bonus, params, gen), bonus))
         for s in sessions:
             s.crop(committed_len + accepted)  # drop rejected drafts; the newest token stays pending
         return out

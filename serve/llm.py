@@ -1,4 +1,4 @@
-"""Serve deployment: OpenAI-compatible chat completions over a Hugging Face causal LM.
+"""Serve deployment: OpenAI-compatible API (chat, completions, logprobs) over a Hugging Face causal LM.
 
 Backends (``serve.backend``):
 - ``hf`` (default, always works, CPU or GPU): :class:`HFBackend` — a transformers model driven by
@@ -6,7 +6,9 @@ Backends (``serve.backend``):
   prefilled as they arrive and merged into the running batch between decode steps, finished ones
   leave it at once, so a long answer never holds a short one back. ``max_batch_size: 1`` turns
   batching off (one request at a time), which the throughput benchmark uses as its baseline.
-- ``vllm``: :class:`VLLMBackend` over vLLM's async engine, when ``vllm`` is importable (GPU
+  Log-probs come from the same passes: per generated token from its row of logits, per prompt
+  token (``echo`` scoring) from a prefill that keeps every position's logits.
+- ``vllm``: :class:`serve.vllm_backend.VLLMBackend` over vLLM's async engine, when ``vllm`` is importable (GPU
   clusters). ``auto`` picks vLLM when importable and a GPU is visible, else HF.
 
 Both plug into the shared OpenAI layer (``serve.openai_api``). Placement (CPUs/GPUs per replica)
@@ -17,15 +19,24 @@ import logging
 import os
 import queue
 import threading
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from ray import serve
 
+from agenttuning.chat import load_tokenizer
 from agenttuning.models import load_causal_lm, nucleus, resolve_device
 from agenttuning.schema import ModelConfig, ServeConfig
-from serve.openai_api import OpenAIChat, OpenAIDeployment, SamplingParams, ServerSettings
+from serve.auth import resolve_api_key
+from serve.openai_api import (
+    OpenAIChat,
+    OpenAIDeployment,
+    PromptLogprobs,
+    SamplingParams,
+    ServerSettings,
+    token_logprobs,
+)
+from serve.vllm_backend import VLLMBackend, vllm_available  # noqa: F401 - vllm_available re-exported
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +84,9 @@ class BatchingEngine:
         self._thread.start()
 
     # -- public
-    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
-        """Blocking iterator of generated token ids (see ``serve.openai_api.Backend``)."""
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[Any]:
+        """Blocking iterator: the prompt's log-probs when asked, then generated token ids (or
+        ``TokenLogprob``s with ``params.logprobs``) — see ``serve.openai_api``."""
         req = _Request(list(prompt_ids), params)
         if not params.greedy:
             req.generator = self.torch.Generator(device=self.device)
@@ -137,17 +149,28 @@ class BatchingEngine:
     def _reset(self) -> None:
         self.active, self.kv, self.mask, self.next_pos, self.last_tok = [], [], None, None, None
 
-    def _forward(self, input_ids, mask, positions, kv):
+    def _forward(self, input_ids, mask, positions, kv, keep: int = 1):
+        """One forward pass; logits of the last ``keep`` positions (0 = all) [B, keep, V] and the KV."""
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
         with self.torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=keep)
         new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return out.logits[:, -1, :].float(), new_kv  # [B, V]
+        return out.logits.float(), new_kv
 
     def _prefill(self, new: List[_Request]) -> None:
+        """Prefill arrivals together; a request that wants its prompt's log-probs alone (all
+        positions' logits, no padding), so the others keep the cheap last-position pass."""
+        plain = [r for r in new if r.params.prompt_logprobs is None]
+        if plain:
+            self._prefill_group(plain)
+        for r in new:
+            if r.params.prompt_logprobs is not None:
+                self._prefill_group([r], score=True)
+
+    def _prefill_group(self, new: List[_Request], score: bool = False) -> None:
         torch = self.torch
         lens = [len(r.prompt) for r in new]
         t_new = max(lens)
@@ -158,7 +181,12 @@ class BatchingEngine:
             mask[i, t_new - lens[i]:] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        logits, kv = self._forward(ids, mask, pos, None)
+        logits, kv = self._forward(ids, mask, pos, None, keep=0 if score else 1)
+        if score:  # one request, no padding: position t predicts prompt token t+1
+            r = new[0]
+            rows = torch.log_softmax(logits[0, :-1], dim=-1)
+            r.out.put(PromptLogprobs([None] + token_logprobs(rows, r.prompt[1:], r.params.prompt_logprobs)))
+        logits = logits[:, -1]  # [B, V]: the next token's
         next_pos = torch.tensor(lens, device=self.device)
         if self.active:  # merge into the running batch: left-pad the shorter side to a common T
             t_old = self.mask.shape[1]
@@ -180,6 +208,7 @@ class BatchingEngine:
         b = len(self.active)
         mask = torch.cat([self.mask, torch.ones((b, 1), dtype=self.mask.dtype, device=self.device)], dim=1)
         logits, self.kv = self._forward(self.last_tok[:, None], mask, self.next_pos[:, None], self.kv)
+        logits = logits[:, -1]
         self.mask = mask
         self.next_pos = self.next_pos + 1
         self.steps += 1
@@ -191,13 +220,20 @@ class BatchingEngine:
         done = []
         for i in rows:
             req = self.active[i]
-            tok = _sample(torch, logits[i - first], req.params, req.generator)
-            self.last_tok[i] = tok
-            full = self.max_context is not None and int(self.next_pos[i]) + 1 >= self.max_context
-            if req.cancelled.is_set() or tok in self.eos:
+            if req.cancelled.is_set() or req.params.max_tokens <= 0:  # 0: the prompt's log-probs only
                 done.append(i)
                 continue
-            req.out.put(tok)
+            row = logits[i - first]
+            tok = _sample(torch, row, req.params, req.generator)
+            self.last_tok[i] = tok
+            full = self.max_context is not None and int(self.next_pos[i]) + 1 >= self.max_context
+            if tok in self.eos:
+                done.append(i)
+                continue
+            if req.params.logprobs is None:
+                req.out.put(tok)
+            else:  # the raw distribution's log-probs (before temperature / top-p), as OpenAI reports
+                req.out.put(token_logprobs(torch.log_softmax(row, -1)[None], [tok], req.params.logprobs)[0])
             req.n_out += 1
             if req.n_out >= req.params.max_tokens or full:
                 done.append(i)
@@ -250,12 +286,12 @@ def _sample(torch, logits, params: SamplingParams, generator) -> int:
 class HFBackend:
     """A transformers model + tokenizer behind :class:`BatchingEngine` (the default backend)."""
 
+    supports_logprobs = True
+
     def __init__(self, name_or_path: str, model_id: Optional[str] = None, chat_template: str = "llama2",
                  dtype: str = "auto", device: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.005,
                  trust_remote_code: bool = False, torch_threads: Optional[int] = None):
         import torch
-
-        from agenttuning.chat import load_tokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -271,54 +307,8 @@ class HFBackend:
         self.engine = BatchingEngine(self.model, eos_ids, max_batch_size, batch_wait_s, self.max_model_tokens)
         log.info("HF backend %s on %s (batch %d)", self.model_id, device, max_batch_size)
 
-    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[int]:
+    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Iterator[Any]:
         return self.engine.generate(prompt_ids, params)
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class VLLMBackend:
-    """vLLM's async engine (continuous batching, paged attention) behind the same protocol."""
-
-    def __init__(self, name_or_path: str, model_id: Optional[str] = None, chat_template: str = "llama2",
-                 dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 trust_remote_code: bool = False, **_: Any):
-        try:
-            from vllm import AsyncEngineArgs, AsyncLLMEngine
-        except ImportError as exc:
-            raise RuntimeError("serve.backend=vllm but vllm is not installed; use serve.backend=hf") from exc
-        from agenttuning.chat import load_tokenizer
-
-        self.model_id = model_id or os.path.basename(os.path.normpath(name_or_path))
-        self.tokenizer = load_tokenizer(name_or_path, chat_template, trust_remote_code)
-        args = AsyncEngineArgs(model=name_or_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
-        self.engine = AsyncLLMEngine.from_engine_args(args)
-        self.max_model_tokens = None
-
-    async def generate(self, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[int]:
-        from vllm import SamplingParams as VSP
-
-        sp = VSP(max_tokens=params.max_tokens, temperature=params.temperature,
-                 top_p=params.top_p if not params.greedy else 1.0, seed=params.seed)
-        rid = uuid.uuid4().hex
-        sent = 0
-        try:
-            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, rid):
-                toks = out.outputs[0].token_ids  # cumulative
-                for t in toks[sent:]:
-                    if t == self.tokenizer.eos_token_id:
-                        return
-                    yield int(t)
-                sent = len(toks)
-        finally:
-            await self.engine.abort(rid)
 
 
 def make_backend(s: ServeConfig, model: ModelConfig) -> Any:
@@ -327,11 +317,11 @@ def make_backend(s: ServeConfig, model: ModelConfig) -> Any:
     if choice == "auto":
         import torch
 
-        choice = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+        choice = "vllm" if torch.cuda.is_available() and vllm_available() else "hf"  # GPU first: importing vLLM is slow
     common = dict(name_or_path=model.name_or_path, model_id=s.model_id, chat_template=model.chat_template,
                   dtype=str(model.dtype), trust_remote_code=model.trust_remote_code)
     if choice == "vllm":
-        return VLLMBackend(**common, tensor_parallel_size=s.tensor_parallel_size)
+        return VLLMBackend(**common, tensor_parallel_size=s.tensor_parallel_size, max_model_len=s.max_model_tokens)
     return HFBackend(**common, device=str(s.device), max_batch_size=s.max_batch_size,
                      batch_wait_s=s.batch_wait_s, torch_threads=s.torch_threads)
 
@@ -348,5 +338,7 @@ class LLMServer(OpenAIDeployment):
     """OpenAI-compatible model server (HTTP ingress + ``chat`` method for Serve handles)."""
 
     def __init__(self, serve_cfg: ServeConfig, model_cfg: ModelConfig):
+        # The key is read here, in the replica (serve.auth): it never travels in the app's arguments.
+        self.api_key = resolve_api_key(serve_cfg.api_key_env, serve_cfg.api_key_file)
         self.backend = make_backend(serve_cfg, model_cfg)
         self.chat_api = OpenAIChat(self.backend, server_settings(serve_cfg, model_cfg, self.backend))

@@ -3,413 +3,140 @@
 A model server is two parts:
 
 1. a **backend**: anything with ``model_id: str``, ``tokenizer`` (a HF tokenizer with a chat
-   template, e.g. from ``agenttuning.chat.load_tokenizer``) and
-   ``generate(prompt_ids: list[int], params: SamplingParams) -> Iterator[int] | AsyncIterator[int]``
-   yielding generated token ids one at a time. The backend stops by itself at end-of-sequence
-   (without yielding the EOS id) or after ``params.max_tokens`` tokens. ``params.temperature == 0``
-   means greedy decoding; ``params.seed`` (when not None) must make sampling reproducible. The
-   backend may ignore ``params.stop``: stop strings are handled here, on the decoded text, and the
-   iterator is closed (``close()`` / ``aclose()``) as soon as one matches, or when the client goes
-   away — release per-request resources in a ``finally``.
-   A sync iterator is driven from its own thread, so it may block (e.g. on a batching scheduler).
+   template, e.g. from ``agenttuning.chat.load_tokenizer``), ``supports_logprobs: bool`` and
+   ``generate(prompt_ids: list[int], params: SamplingParams) -> Iterator | AsyncIterator``
+   yielding, in order:
+
+   - one :class:`PromptLogprobs` first, when ``params.prompt_logprobs`` is not None: per prompt
+     token its log-probability given the tokens before it and the ``prompt_logprobs`` most likely
+     alternatives (the first token's entry is None);
+   - one item per generated token: a :class:`TokenLogprob` (token id, log-probability, the
+     ``params.logprobs`` most likely alternatives) when ``params.logprobs`` is not None, else the
+     token id as an ``int`` (a ``TokenLogprob`` is accepted there too).
+
+   Log-probabilities are those of the model's next-token distribution *before* temperature and
+   top-p (log-softmax of the raw logits; the EFT server: of the combined EFT distribution), as
+   OpenAI and vLLM report them. The backend stops by itself at end-of-sequence (without yielding
+   the EOS id) or after ``params.max_tokens`` tokens; ``max_tokens == 0`` means no generation
+   (prompt log-probs only). ``params.temperature == 0`` means greedy decoding; ``params.seed``
+   (when not None) must make sampling reproducible. The backend may ignore ``params.stop``: stop
+   strings are handled here, on the decoded text, and the iterator is closed (``close()`` /
+   ``aclose()``) as soon as one matches, or when the client goes away — release per-request
+   resources in a ``finally``. A sync iterator is driven from its own thread, so it may block
+   (e.g. on a batching scheduler). A backend with ``supports_logprobs = False`` never receives
+   log-prob requests (the client gets 400).
 2. the **ingress**: :func:`build_openai_app` turns a backend into a FastAPI app with
-   ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream`` with server-sent events in
-   OpenAI's ``chat.completion.chunk`` format ending with ``data: [DONE]``; ``stop`` str or list;
-   ``max_tokens``; ``temperature``; ``top_p``; ``seed``; ``n`` = 1 only) and ``GET /health``.
-   Prompts are rendered with the tokenizer's chat template by :func:`agenttuning.chat.prompt_ids`
-   (the server's system prompt is added when the request has none).
-   Errors are OpenAI-shaped JSON ``{"error": {"message", "type", "param", "code"}}`` with 4xx/5xx.
+   ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+   ``POST /v1/completions`` and ``GET /health``:
+
+   - chat: ``messages`` (``content`` a string or a list of ``{"type": "text"}`` parts),
+     ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop`` (str or
+     list), ``seed``, ``n``, ``logprobs`` + ``top_logprobs``, ``stream`` (server-sent events of
+     ``chat.completion.chunk`` ending with ``data: [DONE]``) with ``stream_options.include_usage``;
+     prompts are rendered with the tokenizer's chat template by
+     :func:`agenttuning.chat.prompt_ids` (the server's system prompt is added when the request has
+     none);
+   - legacy completions: ``prompt`` as text or token ids, or a list of either; ``echo``;
+     ``logprobs: k`` (legacy format: ``tokens``, ``token_logprobs``, ``top_logprobs`` with up to
+     k+1 entries as the chosen token is always included, ``text_offset`` = the cumulative length
+     of the token strings before each token, from the start of the returned text); ``max_tokens:
+     0`` with ``echo`` scores the prompt (first token's log-prob null, as OpenAI returns it) —
+     how lm-evaluation-harness computes log-likelihoods; ``stop``, ``temperature``, ``top_p``,
+     ``n``, ``seed``, ``stream``. Text prompts are tokenized with the tokenizer's special tokens
+     (BOS where it adds one); token-id prompts are used as given.
+   - every error is OpenAI-shaped JSON ``{"error": {"message", "type", "param", "code"}}`` with
+     the HTTP status (also unknown routes, and 401 when an API key is set, see ``serve.auth``).
 
 Use it in a Ray Serve deployment through the late-bound ingress::
 
     @serve.deployment
     @serve.ingress()
-    class MyServer:
-        def __init__(self, ...): self.backend = MyBackend(...)
-        def __serve_build_asgi_app__(self): return build_openai_app(self.backend)
+    class MyServer(OpenAIDeployment):
+        def __init__(self, ...): self.backend = MyBackend(...); self.chat_api = OpenAIChat(self.backend)
 
-or without Ray (tests, debugging) with :func:`run_local_server`. :func:`complete` is the same
-request path as a plain Python call (used by Serve handles, e.g. rollouts calling a model).
+or without Ray (tests, debugging) with :func:`run_local_server`. :func:`complete` and
+:func:`complete_text` are the same request paths as plain Python calls (Serve handles).
 """
 
-import asyncio
 import contextlib
-import json
 import logging
 import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Literal, Optional, Protocol, Union
+from typing import Any, Callable, Dict, Iterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from agenttuning.config import AGENTLM_SYSTEM_PROMPT
+from serve.auth import BearerAuth
+from serve.openai_core import (  # noqa: F401 - the backend protocol, re-exported for backends
+    Backend,
+    OpenAIChat,
+    PromptLogprobs,
+    SamplingParams,
+    ServerSettings,
+    TokenLogprob,
+    token_logprobs,
+)
+from serve.openai_schema import (  # noqa: F401 - re-exported
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+)
+from serve.openai_text import StopStringDetokenizer  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------- backend protocol
-
-
-@dataclass
-class SamplingParams:
-    """Decoding settings of one request (already validated)."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: List[str] = field(default_factory=list)
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-class Backend(Protocol):
-    """What a model server must provide (see the module docstring for the contract)."""
-
-    model_id: str
-    tokenizer: Any
-
-    def generate(self, prompt_ids: List[int], params: SamplingParams) -> Union[Iterator[int], AsyncIterator[int]]:
-        ...
-
-
-# ----------------------------------------------------------------------------- wire format
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(BaseModel):
-    # Clients send fields we do not use (user, stream_options, ...): ignore rather than reject.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: List[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Optional[Union[str, List[str]]] = None
-    stream: bool = False
-    seed: Optional[int] = None
-    n: int = 1
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: List[Choice]
-    usage: Usage
-
-
-class Delta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    finish_reason: Optional[Literal["stop", "length"]] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: List[ChunkChoice]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "agenttuning"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: List[ModelCard]
-
-
-class APIError(Exception):
-    """An error returned to the client in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-
-# ----------------------------------------------------------------------------- stop strings
-
-
-class StopStringDetokenizer:
-    """Incremental detokenizer that cuts the text at the first stop string.
-
-    ``push(token_id)`` returns the newly *safe* text: text that can no longer become part of a
-    stop string and does not end inside an incomplete UTF-8 sequence. After a stop string
-    matches, ``stopped`` is True and no more text is returned.
-    """
-
-    def __init__(self, tokenizer: Any, stop: List[str]):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: List[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
-        self.stopped = False
-        self.text = ""
-
-    def _hold_back(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        # Re-decoding the whole completion keeps multi-token characters and leading-space rules
-        # right for every tokenizer; completions are short, so the cost is small.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self.text = text[:cut]
-            out = self.text[self.emitted :]
-            self.emitted = len(self.text)
-            return out
-        self.text = text
-        if text.endswith("\ufffd"):  # incomplete UTF-8: wait for the next token
-            return ""
-        safe = len(text) - self._hold_back(text)
-        out = text[self.emitted : safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return out
-
-    def flush(self) -> str:
-        """Text held back at the end of generation (no stop string followed)."""
-        if self.stopped:
-            return ""
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return out
-
-
-# ----------------------------------------------------------------------------- request path
-
-
-def sampling_params(req: ChatCompletionRequest, default_max_tokens: int, max_model_tokens: Optional[int], n_prompt: int) -> SamplingParams:
-    """Validated decoding settings; raises APIError (400) for what the backend cannot honour."""
-    if req.n != 1:
-        raise APIError(400, f"n={req.n} is not supported (only n=1)", param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 16:
-        raise APIError(400, "at most 16 stop strings", param="stop")
-    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    if max_model_tokens is not None:
-        room = max_model_tokens - n_prompt
-        if room < 1:
-            raise APIError(
-                400,
-                f"prompt has {n_prompt} tokens, the model's context is {max_model_tokens}",
-                param="messages",
-            )
-        max_tokens = min(max_tokens, room)
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop, seed=req.seed)
-
-
-class ServerSettings(BaseModel):
-    """Ingress settings (the ``serve`` config section passes these)."""
-
-    system_prompt: Optional[str] = AGENTLM_SYSTEM_PROMPT
-    default_max_tokens: int = 256
-    max_model_tokens: Optional[int] = None  # context window; None = do not check
-    # Extra names accepted in the request's `model` field (e.g. a served alias).
-    aliases: List[str] = Field(default_factory=list)
-
-
-async def _iterate(gen: Union[Iterator[int], AsyncIterator[int]], cancelled: threading.Event) -> AsyncIterator[int]:
-    """Async view of a backend iterator; a sync one runs in its own thread (it may block)."""
-    if hasattr(gen, "__aiter__"):
-        try:
-            async for tok in gen:  # type: ignore[union-attr]
-                yield tok
-        finally:
-            if hasattr(gen, "aclose"):
-                await gen.aclose()  # type: ignore[union-attr]
-        return
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def pump() -> None:
-        try:
-            for tok in gen:  # type: ignore[union-attr]
-                loop.call_soon_threadsafe(queue.put_nowait, tok)
-                if cancelled.is_set():
-                    break
-        except Exception as exc:  # noqa: BLE001 - forwarded to the request, which reports it
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            if hasattr(gen, "close"):
-                gen.close()  # type: ignore[union-attr]
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    # A thread per request, not the default pool: a blocked backend must not starve other requests.
-    threading.Thread(target=pump, name="openai-api-generate", daemon=True).start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-
-
-class OpenAIChat:
-    """The request path of ``/v1/chat/completions`` for one backend, independent of HTTP."""
-
-    def __init__(self, backend: Backend, settings: Optional[ServerSettings] = None):
-        self.backend = backend
-        self.settings = settings or ServerSettings()
-
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.backend.model_id, created=int(time.time()))])
-
-    def prepare(self, req: ChatCompletionRequest):
-        from agenttuning.chat import ChatError, prompt_ids
-
-        if req.model not in (self.backend.model_id, *self.settings.aliases):
-            raise APIError(404, f"model {req.model!r} not found; this server has {self.backend.model_id!r}", param="model")
-        msgs = [m.model_dump() for m in req.messages]
-        try:
-            ids = prompt_ids(self.backend.tokenizer, msgs, self.settings.system_prompt)
-        except ChatError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        params = sampling_params(req, self.settings.default_max_tokens, self.settings.max_model_tokens, len(ids))
-        return ids, params
-
-    async def stream_tokens(self, ids: List[int], params: SamplingParams) -> AsyncIterator[tuple]:
-        """Yields (text_piece, n_completion_tokens, finish_reason or None); the last has a reason."""
-        detok = StopStringDetokenizer(self.backend.tokenizer, params.stop)
-        cancelled = threading.Event()
-        n = 0
-        agen = _iterate(self.backend.generate(ids, params), cancelled)
-        try:
-            async for tok in agen:
-                n += 1
-                piece = detok.push(int(tok))
-                if detok.stopped:
-                    yield piece, n, "stop"
-                    return
-                if piece:
-                    yield piece, n, None
-        finally:
-            cancelled.set()
-            await agen.aclose()
-        yield detok.flush(), n, ("length" if n >= params.max_tokens else "stop")
-
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        ids, params = self.prepare(req)
-        parts, n, reason = [], 0, "stop"
-        async for piece, n, finish in self.stream_tokens(ids, params):
-            parts.append(piece)
-            reason = finish or reason
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=req.model,
-            choices=[Choice(message=ResponseMessage(content="".join(parts)), finish_reason=reason)],
-            usage=Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n),
-        )
-
-    async def sse(self, req: ChatCompletionRequest, ids: List[int], params: SamplingParams) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(delta: Delta, finish: Optional[str] = None) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[ChunkChoice(delta=delta, finish_reason=finish)])
-            return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
-
-        yield chunk(Delta(role="assistant", content=""))
-        try:
-            async for piece, _, finish in self.stream_tokens(ids, params):
-                if piece:
-                    yield chunk(Delta(content=piece))
-                if finish:
-                    yield chunk(Delta(), finish)
-        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, as OpenAI does
-            log.exception("generation failed mid-stream")
-            yield f"data: {json.dumps(APIError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
-        yield "data: [DONE]\n\n"
-
 
 async def complete(chat: OpenAIChat, body: Dict[str, Any]) -> Dict[str, Any]:
-    """Non-streaming completion from a plain request dict (for Serve handles); errors as bodies."""
+    """Non-streaming chat completion from a plain request dict (Serve handles); errors as bodies."""
     try:
         req = ChatCompletionRequest.model_validate(body)
         return (await chat.complete(req)).model_dump()
     except ValidationError as exc:
-        return APIError(400, _validation_message(exc)).body()
+        return APIError(400, _validation_message(exc.errors())).body()
     except APIError as exc:
         return exc.body()
 
 
-def _validation_message(exc: ValidationError) -> str:
-    errs = exc.errors()
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errs[:5])
+async def complete_text(chat: OpenAIChat, body: Dict[str, Any]) -> Dict[str, Any]:
+    """Non-streaming legacy completion from a plain request dict; errors as bodies."""
+    try:
+        req = CompletionRequest.model_validate(body)
+        return (await chat.completion(req)).model_dump()
+    except ValidationError as exc:
+        return APIError(400, _validation_message(exc.errors())).body()
+    except APIError as exc:
+        return exc.body()
+
+
+def _validation_message(errors: Any) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in list(errors)[:5])
+
+
+def _param_of(errors: Any) -> Optional[str]:
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if loc:
+            return loc[0]
+    return None
 
 
 # ----------------------------------------------------------------------------- FastAPI ingress
 
 
-def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None):
-    """A FastAPI app serving ``backend`` with OpenAI's chat completions API."""
+def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None, api_key: Optional[str] = None):
+    """A FastAPI app serving ``backend`` with OpenAI's API; ``api_key``: requests need
+    ``Authorization: Bearer <api_key>`` (``/health`` stays open)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     chat = OpenAIChat(backend, settings)
     app = FastAPI(title=f"OpenAI-compatible server: {backend.model_id}")
     app.state.chat = chat
+    app.add_middleware(BearerAuth, key=api_key, error_body=lambda msg: error_body(401, msg))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -417,8 +144,18 @@ def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()[:5])
-        return JSONResponse(APIError(400, msg).body(), status_code=400)
+        body = error_body(400, _validation_message(exc.errors()), _param_of(exc.errors()))
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException):  # unknown route, wrong method, ...
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
 
     @app.get("/health")
     async def health() -> Dict[str, str]:
@@ -428,6 +165,10 @@ def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None
     async def models() -> Dict[str, Any]:
         return chat.models().model_dump()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Dict[str, Any]:
+        return chat.model_card(model_id).model_dump()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
         if req.stream:
@@ -435,26 +176,39 @@ def build_openai_app(backend: Backend, settings: Optional[ServerSettings] = None
             return StreamingResponse(chat.sse(req, ids, params), media_type="text/event-stream")
         return (await chat.complete(req)).model_dump()
 
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.stream:
+            prompts, params = chat.prepare_completion(req)
+            return StreamingResponse(chat.completion_sse(req, prompts, params), media_type="text/event-stream")
+        return (await chat.completion(req)).model_dump()
+
     return app
 
 
 class OpenAIDeployment:
     """Methods every OpenAI-compatible Serve deployment shares (model server, EFT server).
 
-    A subclass sets ``self.backend`` and ``self.chat_api`` in ``__init__`` and is decorated with
-    ``@serve.ingress()``: Serve then builds the HTTP app from ``__serve_build_asgi_app__``, and
-    handles (rollouts) call ``chat`` / ``model_id``.
+    A subclass sets ``self.backend``, ``self.chat_api`` and ``self.api_key`` (None: no key) in
+    ``__init__`` and is decorated with ``@serve.ingress()``: Serve then builds the HTTP app from
+    ``__serve_build_asgi_app__``, and handles (rollouts) call ``chat`` / ``completions`` /
+    ``model_id`` (handle calls stay inside the cluster: no key).
     """
 
     backend: Backend
     chat_api: OpenAIChat
+    api_key: Optional[str] = None
 
     def __serve_build_asgi_app__(self):
-        return build_openai_app(self.backend, self.chat_api.settings)
+        return build_openai_app(self.backend, self.chat_api.settings, self.api_key)
 
     async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
         """A chat completion request dict → response dict (or an OpenAI error body)."""
         return await complete(self.chat_api, body)
+
+    async def completions(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """A legacy completion request dict → response dict (or an OpenAI error body)."""
+        return await complete_text(self.chat_api, body)
 
     def model_id(self) -> str:
         return self.backend.model_id

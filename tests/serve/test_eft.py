@@ -1,6 +1,7 @@
 """EFT server: vocabulary checks at start, OpenAI API over the EFT backend, Serve with separate models."""
 
-import shutil
+import os
+import sys
 
 import openai
 import pytest
@@ -10,6 +11,9 @@ from agenttuning.chat import prompt_ids
 from agenttuning.config import load_config, to_object
 from serve.eft_decoding import DecodeParams, VocabularyMismatchError
 from serve.openai_api import ServerSettings, build_openai_app, run_local_server
+
+sys.path.insert(0, os.path.dirname(__file__))
+from eft_models import build_trio, save_variant  # noqa: E402
 
 MSGS = [{"role": "user", "content": "how many rows are in the table?"}]
 
@@ -23,41 +27,9 @@ def teardown_module():
         serve.shutdown()
 
 
-def _save_variant(src, out, *, layers=None, hidden=None, vocab=None, noise=0.0, seed=0):
-    """A Llama beside the tiny one (same tokenizer files): resized (random) or a perturbed copy."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    torch.manual_seed(seed)
-    if layers or hidden or vocab:
-        cfg = base.config
-        cfg.num_hidden_layers = layers or cfg.num_hidden_layers
-        cfg.hidden_size = hidden or cfg.hidden_size
-        cfg.intermediate_size = 2 * cfg.hidden_size
-        cfg.vocab_size = vocab or cfg.vocab_size
-        cfg.initializer_range = 0.2
-        model = LlamaForCausalLM(cfg)
-    else:
-        model = base
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * p.std() * torch.randn_like(p))
-    model.save_pretrained(out)
-    for f in src.iterdir():
-        if "token" in f.name or f.name.endswith(".jinja"):
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="module")
 def trio(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eft")
-    return {
-        "large_base": str(_save_variant(tiny_model_dir, root / "large", layers=3, hidden=96, seed=1)),
-        "small_base": str(_save_variant(tiny_model_dir, root / "base", noise=0.3, seed=2)),
-        "small_ft": str(tiny_model_dir),
-        "root": root,
-    }
+    return build_trio(tiny_model_dir, tmp_path_factory.mktemp("eft"))
 
 
 def _cfg(trio, **eft):
@@ -85,7 +57,7 @@ def _reference_greedy(backend, n: int):
     return backend.tokenizer.decode(toks, skip_special_tokens=True)
 
 
-def test_openai_client_against_the_eft_backend(backend):
+def test_openai_client_against_the_eft_backend(backend, trio):
     want = _reference_greedy(backend, 12)
     settings = ServerSettings(default_max_tokens=12, max_model_tokens=backend.max_model_tokens)
     with run_local_server(build_openai_app(backend, settings)) as url:
@@ -100,20 +72,47 @@ def test_openai_client_against_the_eft_backend(backend):
         a, b = (client.chat.completions.create(model=backend.model_id, messages=MSGS, max_tokens=8, temperature=1.0,
                                                top_p=0.9, seed=7).choices[0].message.content for _ in range(2))
         assert a == b  # seeded sampling is reproducible
+        # Log-probs are the EFT distribution's: scoring a prompt (echo, max_tokens 0) and the
+        # generated tokens of a chat reply, against the formula over three plain forward passes.
+        ids = prompt_ids(backend.tokenizer, MSGS)
+        scored = client.completions.create(model=backend.model_id, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+        ref = eft_reference(trio, ids)
+        lp = scored.choices[0].logprobs.token_logprobs
+        assert lp[0] is None and lp[1:] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                         abs=1e-4)
+        r = client.chat.completions.create(model=backend.model_id, messages=MSGS, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=1)
+        gen = [t for t in backend.decoder.generate(ids, DecodeParams(max_new_tokens=6, temperature=0.0))][:6]
+        ref = eft_reference(trio, ids + gen)
+        got = [t.logprob for t in r.choices[0].logprobs.content]
+        assert got == pytest.approx([float(ref[len(ids) + j - 1].max()) for j in range(len(got))], abs=1e-4)
     assert backend.stats()["drafted"] > 0
+
+
+def eft_reference(trio, ids):
+    """EFT log-probs [T, V] (row t predicts token t+1) from one plain forward pass of each model."""
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for role in ("large_base", "small_base", "small_ft"):
+        m = AutoModelForCausalLM.from_pretrained(trio[role], dtype=torch.float64).eval()
+        with torch.no_grad():
+            rows.append(torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0], -1))
+    large, base, ft = rows
+    return torch.log_softmax(large + (ft - base), -1)
 
 
 def test_vocabulary_mismatch_is_reported_at_start(trio, tiny_model_dir):
     from serve.eft import build_eft_app
 
-    odd = _save_variant(tiny_model_dir, trio["root"] / "odd_vocab", layers=1, vocab=2100)
+    odd = save_variant(tiny_model_dir, trio["root"] / "odd_vocab", layers=1, vocab=2100)
     with pytest.raises(VocabularyMismatchError, match="large_base=2100"):
         build_eft_app(_cfg({**trio, "large_base": str(odd)}))
     # Same logit width, different tokenizer: caught too.
     from agenttuning.config import TinyModelConfig
     from agenttuning.models import build_tokenizer
 
-    other = _save_variant(tiny_model_dir, trio["root"] / "other_tok", noise=0.0)
+    other = save_variant(tiny_model_dir, trio["root"] / "other_tok", noise=0.0)
     build_tokenizer(TinyModelConfig(vocab_size=1024)).save_pretrained(str(other))
     with pytest.raises(VocabularyMismatchError, match="tokenizers differ"):
         build_eft_app(_cfg({**trio, "small_base": str(other)}))

@@ -174,6 +174,37 @@ def test_greedy_speculative_equals_greedy_and_the_eft_argmax(trio):
     assert 0 < accepted < drafted  # both the accept and the reject path ran
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_decode_reports_eft_logprobs_of_prompt_and_tokens(trio, k):
+    """The scores served as OpenAI logprobs are the EFT distribution's (the formula), for every
+    prompt token (one scoring pass) and every generated token (speculative or not); scoring the
+    prompt first leaves the generated tokens unchanged."""
+    dec = make_decoder(trio, dtype=torch.float64)
+    prompt = random_prefixes(1, seed=41)[0] + [3, 4]
+    plain, _ = generate(dec, prompt, max_new_tokens=6, temperature=0.0, speculative_k=k)
+    st = DecodeStats()
+    out = list(dec.decode(prompt, DecodeParams(max_new_tokens=6, temperature=0.0, speculative_k=k, logprobs=2,
+                                               prompt_logprobs=1), st))
+    scores, gen = out[0], out[1:]
+    assert [g.token_id for g in gen] == plain
+    seq = prompt + plain
+    want = np.log(ref_eft(trio, [seq[: i + 1] for i in range(len(seq) - 1)], 1.0))  # row i predicts seq[i+1]
+    assert scores[0] is None and len(scores) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert scores[i].token_id == prompt[i]
+        assert scores[i].logprob == pytest.approx(want[i - 1, prompt[i]], abs=1e-6)
+        assert scores[i].top[0] == (int(np.argmax(want[i - 1])), pytest.approx(want[i - 1].max(), abs=1e-6))
+    for j, g in enumerate(gen):
+        row = want[len(prompt) + j - 1]
+        assert g.logprob == pytest.approx(row[g.token_id], abs=1e-6) == pytest.approx(row.max(), abs=1e-6)
+        assert [a for a, _ in g.top] == list(np.argsort(-row)[:2])
+    assert st.rounds >= 1 and st.generated == 6
+    # max_new_tokens=0: the scores only.
+    only = list(dec.decode(prompt, DecodeParams(max_new_tokens=0, prompt_logprobs=0)))
+    assert len(only) == 1 and [e.logprob for e in only[0][1:]] == pytest.approx([e.logprob for e in scores[1:]])
+    assert list(dec.decode(prompt, DecodeParams(max_new_tokens=0))) == []
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

@@ -68,8 +68,8 @@ def test_errors_are_openai_shaped(base_url):
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.chat.completions.create(model="other", messages=_msgs("x"))
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        client.chat.completions.create(model="tiny", messages=_msgs("x"), n=2)
+    with pytest.raises(openai.BadRequestError, match="n=17 is over"):
+        client.chat.completions.create(model="tiny", messages=_msgs("x"), n=17)
     r = httpx.post(f"{base_url}/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(f"{base_url}/chat/completions",
@@ -115,6 +115,40 @@ def test_continuous_batching_matches_serial_greedy(backend):
     assert results == serial
     # Batched: fewer decode steps than the serial sum of generated tokens.
     assert backend.engine.steps - steps < sum(len(s) for s in serial)
+
+
+def test_continuous_batching_with_logprobs_and_scoring(backend):
+    """Scoring requests (all-position logits, prefilled alone) and logprob requests join a
+    running batch without changing anyone's tokens or numbers."""
+    from serve.openai_api import PromptLogprobs, TokenLogprob
+
+    prompts = [prompt_ids(backend.tokenizer, _msgs("word " * k)) for k in (2, 9, 4)]
+    kinds = [SamplingParams(max_tokens=8, temperature=0, logprobs=2),
+             SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1),
+             SamplingParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0)]
+    serial = [list(backend.generate(p, k)) for p, k in zip(prompts, kinds)]
+    results = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def run(i):
+        barrier.wait()
+        results[i] = list(backend.generate(prompts[i], kinds[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    for got, want in zip(results, serial):
+        assert [getattr(x, "token_id", None) for x in got] == [getattr(x, "token_id", None) for x in want]
+        for g, w in zip(got, want):
+            if isinstance(g, TokenLogprob):
+                assert g.logprob == pytest.approx(w.logprob, abs=1e-4)
+                assert [a for a, _ in g.top] == [a for a, _ in w.top]
+    assert all(isinstance(x, TokenLogprob) for x in results[0]) and len(results[0][0].top) == 2
+    assert len(results[1]) == 1 and isinstance(results[1][0], PromptLogprobs)  # scores only, no token
+    scores = results[1][0].entries
+    assert scores[0] is None and len(scores) == len(prompts[1]) and len(scores[1].top) == 1
+    assert isinstance(results[2][0], PromptLogprobs) and all(isinstance(x, TokenLogprob) for x in results[2][1:])
+    assert backend.engine.active == []
 
 
 def test_placement_and_backend_choice_from_config(tiny_model_dir):
