@@ -19,6 +19,8 @@ import os
 from typing import Any, Dict, List, Tuple
 
 from agenttuning.console import progress
+from agenttuning.jsonl import iter_jsonl
+from serve.rollout import TeacherError
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,8 @@ class EpisodeStore:
         done: Dict[Key, Dict[str, Any]] = {}
         if not os.path.exists(self.path):
             return done
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    ep = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s:%d: unreadable line, that episode will be re-run", self.path, n)
-                    continue
-                done[(ep["policy"], ep["task"], str(ep["task_id"]))] = ep
+        for _, ep, _ in iter_jsonl(self.path, on_error="skip"):  # a bad line's episode re-runs
+            done[(ep["policy"], ep["task"], str(ep["task_id"]))] = ep
         return done
 
     def write(self, ep: Dict[str, Any]) -> None:
@@ -84,7 +78,6 @@ class EpisodeStore:
 
 def _is_teacher_error(exc: BaseException) -> bool:
     # Ray wraps the replica's exception: match on its type and on the remote type's name.
-    from serve.rollout import TeacherError
 
     return isinstance(exc, TeacherError) or "TeacherError" in f"{type(exc).__name__}: {exc}"
 
@@ -109,6 +102,8 @@ async def _run(handle: Any, jobs: List[Dict[str, Any]], store: EpisodeStore, con
                     err = f"{type(exc).__name__}: {exc}"[:500]
                     log.warning("episode %s/%s/%s failed (attempt %d of %d): %s", *key, attempt + 1, retries + 1,
                                 err.splitlines()[0][:200])
+                    if attempt < retries:  # give Serve time to replace a dead replica before replaying
+                        await asyncio.sleep(min(2.0 ** attempt, 30.0))
                     continue
                 ep.update(job.get("record", {}))
                 if attempt:

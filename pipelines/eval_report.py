@@ -1,10 +1,15 @@
 """Evaluation scores, rule-based error analysis and the report files (json, markdown, PNG).
 
-Scores: a task's score is the mean episode reward; its success rate the fraction of episodes
-with reward >= the task's ``success_threshold``. A category's overall score is the weighted
-average of its task scores, ``sum(w_t * s_t) / sum(w_t)``, with ``w_t = eval.weights[t]`` when
-given, else ``1 / eval.reference_scores[t]`` (the mean score of a reference pool of models, as
-AgentTuning/AgentBench normalise), else 1 (plain average); the weights used are reported.
+Scores: a task's ``score`` is the mean episode reward (0–1); its ``success_rate`` the fraction of
+episodes with reward >= the task's ``success_threshold``; its ``paper_score`` the number the
+paper's column reports, on the paper's scale (0–100; MT-Bench 0–10), computed by the environment
+itself (``Env.paper_score``: e.g. SciWorld's mean of per-task means, MiniWoB++'s success rate).
+
+A category's overall score is AgentTuning's: the mean over the category's tasks of
+``paper_score_t / W_t``, W_t the task's reference score (the mean score of a reference pool of
+models; ``eval.reference_scores``, default the paper's implied values). With the paper's table, a
+category missing some of its tasks is reported as ``partial`` and names them. Without a W for
+every task, the overall is the plain mean of paper scores / 100, and says so.
 
 Error analysis labels every unsuccessful episode by rule, from its status and its actions:
 ``invalid_format``, ``invalid_action``, ``turn_limit``, ``context_limit``, ``task_error``,
@@ -80,45 +85,88 @@ def task_summary(episodes: List[Dict[str, Any]], threshold: float, expected: int
     }
 
 
-def task_weights(tasks: List[str], weights: Dict[str, float], reference: Dict[str, float]) -> Dict[str, float]:
-    return {t: float(weights[t]) if t in weights else (1.0 / reference[t] if t in reference else 1.0) for t in tasks}
-
-
 def category_scores(per_task: Dict[str, Dict[str, Any]], categories: Dict[str, str],
-                    weights: Dict[str, float], reference: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
-    """Weighted overall score per category over the tasks that have a score."""
+                    reference: Dict[str, float], expected: Optional[Dict[str, List[str]]] = None
+                    ) -> Dict[str, Dict[str, Any]]:
+    """Overall score per category (see the module docstring) over the tasks that have a score.
+
+    ``per_task``: task -> summary with ``n`` and ``paper_score``; ``categories``: task -> category;
+    ``reference``: task -> W_t; ``expected``: category -> the tasks a full category has (the paper's).
+    """
     out = {}
-    for cat in sorted(set(categories.values())):
-        tasks = [t for t, c in categories.items() if c == cat and t in per_task and per_task[t]["n"] > 0]
+    for cat in sorted(set(categories.values()) | set(expected or {})):
+        tasks = [t for t, c in categories.items() if c == cat and t in per_task and per_task[t].get("n", 0) > 0]
         if not tasks:  # nothing scored (e.g. general tasks for the expert): no overall, not a 0
             continue
-        w = task_weights(tasks, weights, reference)
-        total = sum(w.values())
-        score = sum(w[t] * per_task[t]["score"] for t in tasks) / total if total else 0.0
-        out[cat] = {"score": score, "tasks": tasks, "weights": w}
+        missing = [t for t in (expected or {}).get(cat, []) if t not in tasks]
+        no_w = [t for t in tasks if t not in reference]
+        if no_w:
+            score = sum(per_task[t]["paper_score"] for t in tasks) / len(tasks) / 100.0
+            formula = f"mean paper score / 100 (no reference W for {', '.join(no_w)})"
+        else:
+            score = sum(per_task[t]["paper_score"] / reference[t] for t in tasks) / len(tasks)
+            formula = "mean of paper_score / W"
+        out[cat] = {"score": score, "tasks": tasks, "reference": {t: reference.get(t) for t in tasks},
+                    "formula": formula, "partial": bool(missing), "missing": missing}
     return out
 
 
+def load_paper_table(path: Optional[str]) -> Dict[str, Any]:
+    """The paper's table as {categories: {cat: [tasks]}, reference: {task: W}, columns: {model:
+    {task or "<cat> overall": score}}}; empty when no table is configured."""
+    if not path:
+        return {"categories": {}, "reference": {}, "columns": {}}
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    cats = {c: [t for t in tasks if t != "overall"] for c, tasks in table["scores"].items()}
+    ref = {t: w for c, ws in table.get("implied_reference_scores", {}).items() if c != "note" for t, w in ws.items()}
+    cols: Dict[str, Dict[str, float]] = {m: {} for m in table["models"]}
+    for c, tasks in table["scores"].items():
+        for t, per_model in tasks.items():
+            for m, v in per_model.items():
+                cols[m][f"{c} overall" if t == "overall" else t] = v
+    return {"categories": cats, "reference": ref, "columns": cols}
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def write_markdown(report: Dict[str, Any], path: str) -> None:
+    """report.md: overall by category and per task, the evaluated policies beside the paper's columns."""
     pols = list(report["policies"])
-    lines = [f"# Evaluation report\n", f"Policies: {', '.join(pols)}. Scores are mean rewards (0–1).\n"]
-    lines.append("## Overall by category\n")
+    paper = report.get("paper", {}).get("columns", {})
+    models = list(paper)
+    lines = ["# Evaluation report\n",
+             f"Policies: {', '.join(pols)}. Task scores on the paper's scale (0–100; MT-Bench 0–10); "
+             "category overall = mean of score / W over the category's tasks (AgentTuning's)."
+             + (f" Paper columns: {report['paper']['table']}." if models else "") + "\n"]
     cats = sorted({c for p in pols for c in report["policies"][p]["categories"]})
-    lines.append("| category | " + " | ".join(pols) + " |")
-    lines.append("|---|" + "---|" * len(pols))
+    lines += ["## Overall by category\n", "| category | " + " | ".join(pols + models) + " |",
+              "|---|" + "---|" * (len(pols) + len(models))]
     for c in cats:
-        row = [f"{report['policies'][p]['categories'][c]['score']:.3f}" if c in report["policies"][p]["categories"]
-               else "–" for p in pols]
-        lines.append(f"| {c} | " + " | ".join(row) + " |")
-    lines.append("\n## Tasks\n")
-    lines.append("| task | category | " + " | ".join(f"{p} score | {p} success | {p} n" for p in pols) + " |")
-    lines.append("|---|---|" + "---|---|---|" * len(pols))
+        cells = []
+        for p in pols:
+            v = report["policies"][p]["categories"].get(c)
+            cells.append("–" if v is None else f"{v['score']:.2f}" + (" (partial)" if v["partial"] else ""))
+        cells += [_fmt(paper[m].get(f"{c} overall")) for m in models]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    for p in pols[:1]:
+        for c, v in report["policies"][p]["categories"].items():
+            note = f"missing {', '.join(v['missing'])}" if v["missing"] else "complete"
+            lines.append(f"\n- {c}: {v['formula']}; {note}; W: "
+                         + ", ".join(f"{t} {w:g}" if w else f"{t} –" for t, w in v["reference"].items()))
+    lines += ["\n## Tasks\n", "| task | category | metric | " + " | ".join(f"{p} (n)" for p in pols) + " | "
+              + " | ".join(models) + " |", "|---|---|---|" + "---|" * (len(pols) + len(models))]
     for t, cat in report["categories"].items():
+        metric = next((report["policies"][p]["tasks"][t].get("metric", "") for p in pols
+                       if t in report["policies"][p]["tasks"]), "")
         cells = []
         for p in pols:
             s = report["policies"][p]["tasks"].get(t)
-            cells += [f"{s['score']:.3f}", f"{s.get('success_rate', s['score']):.3f}", f"{s['n']}"] if s else ["–"] * 3
-        lines.append(f"| {t} | {cat} | " + " | ".join(cells) + " |")
+            cells.append("–" if not s or "not_applicable" in s else f"{s['paper_score']:.1f} ({s['n']})")
+        cells += [_fmt(paper[m].get(t), 1) for m in models]
+        lines.append(f"| {t} | {cat} | {metric} | " + " | ".join(cells) + " |")
     lines.append("\n## Error analysis (unsuccessful episodes, labels by rule)\n")
     for p in pols:
         for t, s in report["policies"][p]["tasks"].items():
@@ -126,43 +174,55 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
                 continue
             errs = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none"
             miss = f"; missing {s['missing']}" if s.get("missing") else ""
-            lines.append(f"- **{p} / {t}**: statuses {s['status_counts']}; errors: {errs}; "
-                         f"mean turns {s['mean_turns']:.1f}{miss}")
+            lines.append(f"- **{p} / {t}**: success {s['success_rate']:.3f}, statuses {s['status_counts']}; "
+                         f"errors: {errs}; mean turns {s['mean_turns']:.1f}{miss}")
+    for t, why in sorted((report.get("unavailable") or {}).items()):
+        lines.append(f"- **{t} not evaluated**: the environment could not start: {why}")
     for t, why in sorted((report.get("skipped") or {}).items()):
         for tid, reason in why.items():
             lines.append(f"- skipped {t} task {tid}: {reason}")
     if report.get("failures"):
         lines.append(f"- {len(report['failures'])} episodes failed (not scored; a re-run completes them)")
-    lines.append("\n## Weights\n")
-    for p in pols[:1]:
-        for c, v in report["policies"][p]["categories"].items():
-            lines.append(f"- {c}: " + ", ".join(f"{t} × {w:.3g}" for t, w in v["weights"].items()))
+    if report.get("episodes_restarted"):
+        lines.append(f"- {report['episodes_restarted']} episodes were replayed after a replica or server failure")
     lines.append(f"\nTrajectories: `{report['trajectories']}`\n")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 
 def write_plot(report: Dict[str, Any], path: str) -> Optional[str]:
-    """Grouped bars: task scores and category overall scores, one bar per policy."""
+    """Two panels: category overall (policies and the paper's models) and task paper scores
+    (policies beside the paper's Llama-2-chat and AgentLM of the smallest size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pols = list(report["policies"])
-    labels = list(report["categories"]) + sorted({c for p in pols for c in report["policies"][p]["categories"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(pols)) / 2), 4))
-    width = 0.8 / max(1, len(pols))
-    for i, p in enumerate(pols):
-        r = report["policies"][p]
-        vals = [r["tasks"].get(l, r["categories"].get(l, {})).get("score", 0.0) for l in labels]
-        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=p)
-    ax.set_xticks([x + width * (len(pols) - 1) / 2 for x in range(len(labels))])
-    n_tasks = len(report["categories"])
-    ax.set_xticklabels([l if i < n_tasks else f"{l} (overall)" for i, l in enumerate(labels)], rotation=30, ha="right")
-    ax.set_ylabel("score")
-    ax.set_title("Evaluation: task scores and category overall")
-    ax.legend()
+    paper = report.get("paper", {}).get("columns", {})
+    cats = sorted({c for p in pols for c in report["policies"][p]["categories"]})
+    tasks = list(report["categories"])
+    ref_models = [m for m in ("llama-2-7b-chat", "agentlm-7b") if m in paper]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 0.9 * len(tasks) + 6), 4.5),
+                             gridspec_kw={"width_ratios": [max(1, len(cats)), max(1, len(tasks))]})
+
+    def bars(ax, labels, series, title, ylabel):
+        width = 0.8 / max(1, len(series))
+        for i, (name, vals, hatch) in enumerate(series):
+            ax.bar([x + i * width for x in range(len(labels))], [v if v is not None else 0 for v in vals], width,
+                   label=name, hatch=hatch, alpha=0.85 if hatch else 1.0)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+
+    cat_series = [(p, [report["policies"][p]["categories"].get(c, {}).get("score") for c in cats], None) for p in pols]
+    cat_series += [(f"paper {m}", [paper[m].get(f"{c} overall") for c in cats], "//") for m in paper]
+    bars(axes[0], cats, cat_series, "overall by category", "score / W (reference pool = 1)")
+    task_series = [(p, [report["policies"][p]["tasks"].get(t, {}).get("paper_score") for t in tasks], None) for p in pols]
+    task_series += [(f"paper {m}", [paper[m].get(t) for t in tasks], "//") for m in ref_models]
+    bars(axes[1], tasks, task_series, "task scores", "paper scale (0–100; MT-Bench 0–10)")
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -6,24 +6,33 @@ deployment (``serve.rollout``), with at most ``eval.concurrency`` episodes in fl
 greedy decoding by default. Each finished episode is appended to
 ``<output_dir>/trajectories.jsonl`` (AgentInstruct format + reward/status/turns) and flushed at
 once, so a crash or a killed replica loses no finished episode; a re-run with ``eval.resume``
-runs only the episodes that are not in that file yet. General tasks (``eval.general``) use
-``pipelines.scorers`` (kinds ``mc``, ``math``, ``code``). Outputs: ``report.json``,
+runs only the episodes that are not in that file yet. General tasks (``eval.general``: kinds
+``mc``, ``math``, ``code``, ``mtbench``) are scored by ``pipelines.general_eval`` through each
+policy's served model. Outputs: ``report.json``,
 ``report.md``, ``report.png`` (see ``pipelines.eval_report``), the same numbers to wandb.
 """
 
-import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 from omegaconf import DictConfig
 
+from agenttuning import tracking
+from agenttuning.chat import load_tokenizer
+from agenttuning.cluster import JobFailed, ray_session
+from agenttuning.config import to_dict, to_object, with_updates
+from agenttuning.models import ensure_model
+from agenttuning.schema import PolicyConfig
 from pipelines import eval_report as rep
 from pipelines.episodes import EpisodeStore, run_episodes
-from agenttuning.config import to_dict, to_object
-from agenttuning.schema import PolicyConfig
+from pipelines.general_client import endpoint_for_policy, judge_endpoint
+from pipelines.general_eval import load_task, not_applicable, score_task
+from serve.app import build_llm_app, build_rollout_app
+from serve.eft import build_eft_app
+from serve.lifecycle import start_serve
 from serve.rollout import PolicySpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,11 @@ def resolve_policies(cfg: DictConfig) -> Dict[str, PolicySpec]:
     """Policies for the rollout deployment; model policies get their checkpoint, app and served id."""
     out = {}
     for name, p in (to_object(cfg.eval.policies) or {"model": PolicyConfig()}).items():
+        if p.kind == "eft":  # served by the EFT server: prompts in the small fine-tuned model's format
+            p.model = name
+            out[name] = PolicySpec(p, app_name=f"eft-{name}", deployment="EFTServer",
+                                   system_prompt=cfg.model.system_prompt, chat_template=cfg.model.chat_template)
+            continue
         if p.kind != "model":
             out[name] = PolicySpec(p)
             continue
@@ -55,14 +69,16 @@ def deploy(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> List[str]:
     """Start the model apps of model policies and the rollout app; returns the app names."""
     from ray import serve
 
-    from serve.app import build_llm_app, build_rollout_app
-    from serve.lifecycle import start_serve
-
     start_serve(to_object(cfg.serve))
     apps = []
     for name, p in policies.items():
         if p.config.kind == "model":
             serve.run(build_llm_app(cfg, p.config.model_path, model_id=name), name=p.app_name, route_prefix=f"/{name}")
+            apps.append(p.app_name)
+        elif p.config.kind == "eft":
+            beta = cfg.eft.beta if p.config.beta is None else p.config.beta
+            app = build_eft_app(with_updates(cfg, {"eft.beta": beta, "eft.model_id": name}))
+            serve.run(app, name=p.app_name, route_prefix=f"/{name}")
             apps.append(p.app_name)
     serve.run(build_rollout_app(cfg, policies), name=cfg.serve.rollout.app_name, route_prefix=None)
     apps.append(cfg.serve.rollout.app_name)
@@ -81,9 +97,17 @@ def run_agent_tasks(cfg: DictConfig, policies: Dict[str, PolicySpec], out_dir: s
     done = store.load()
     ids: Dict[str, List[str]] = {}
     skipped: Dict[str, Dict[str, str]] = {}
+    unavailable: Dict[str, str] = {}
     for t in cfg.eval.tasks:
-        listing = handle.task_ids.remote(t.name).result()
-        ids[t.name], skipped[t.name] = [str(i) for i in listing["ids"]], listing["skipped"]
+        try:
+            listing = handle.task_ids.remote(t.name).result()
+        except Exception as exc:  # noqa: BLE001 — an environment that cannot start is reported, not fatal
+            unavailable[t.name] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"
+            log.warning("task %s unavailable: %s", t.name, unavailable[t.name])
+            continue
+        limit = t.limit if t.limit is not None else cfg.eval.limit
+        ids[t.name] = [str(i) for i in listing["ids"]][:limit]
+        skipped[t.name] = listing["skipped"]
     jobs = [{"policy": p, "task": t, "task_id": i} for p in policies for t in ids for i in ids[t]
             if (p, t, i) not in done]
     log.info("%d episodes to run (%d already done)", len(jobs), len(done))
@@ -92,52 +116,53 @@ def run_agent_tasks(cfg: DictConfig, policies: Dict[str, PolicySpec], out_dir: s
         outcome = run_episodes(handle, jobs, store, cfg.eval.concurrency, cfg.eval.max_retries, desc="eval episodes")
     failures = [{"policy": k[0], "task": k[1], "task_id": k[2], "error": o["detail"]}
                 for k, o in outcome.items() if "error" in o]
-    return {"ids": ids, "skipped": skipped, "failures": failures, "ran": len(jobs) - len(failures),
-            "resumed": len(done), "wall_s": time.time() - t0}
-
-
-def _mc_remote(model_path: str, records: List[Dict[str, Any]], name: str, chat_template: str) -> Dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from agenttuning.chat import load_tokenizer
-    from pipelines.scorers import score_mc
-
-    tok = load_tokenizer(model_path, chat_template)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    return score_mc(records, model, tok, name)
+    # The paper's number per (policy, task), computed by the environment that defines it.
+    episodes = store.load()
+    paper = {p: {t: handle.score.remote(t, [episodes[(p, t, i)] for i in ids[t] if (p, t, i) in episodes]).result()
+                 for t in ids} for p in policies}
+    restarted = sum(1 for ep in episodes.values() if ep.get("restarts"))
+    return {"ids": ids, "skipped": skipped, "unavailable": unavailable, "failures": failures,
+            "ran": len(jobs) - len(failures), "resumed": len(done), "restarted": restarted, "paper": paper,
+            "wall_s": time.time() - t0}
 
 
 def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, Dict[str, Any]]:
-    """General tasks per policy: {policy: {task: result}}; not applicable ones say why."""
-    import ray
-    from ray import serve
+    """General tasks per policy (``pipelines.general_eval``): {policy: {task: result}}.
 
-    from pipelines.scorers import read_jsonl, score_code, score_math
-
+    Each task's data is read once (bad data fails here, before any model is asked); every model
+    policy is then scored where it is served, over HTTP (our model apps at ``/<policy>/v1``, outside
+    endpoints at their ``base_url``), policies side by side. Not applicable ones say why.
+    """
     out: Dict[str, Dict[str, Any]] = {p: {} for p in policies}
     if not cfg.eval.general:
         return out
-    handle = serve.get_deployment_handle("RolloutServer", app_name=cfg.serve.rollout.app_name)
-    mc_task = ray.remote(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus)(_mc_remote)
-    tasks = [(g, read_jsonl(g.path, None if g.limit is None else g.limit + g.few_shot)) for g in cfg.eval.general]
+    general = to_object(cfg.eval.general)
+    for g in general:  # eval.limit: the first N items of every task without its own limit
+        g.limit = g.limit if g.limit is not None else cfg.eval.limit
+    tasks = [load_task(g, i) for i, g in enumerate(general)]
+    judges = {t.cfg.name: judge_endpoint(t.cfg.judge) for t in tasks if t.cfg.kind == "mtbench"}
 
     def one_policy(name: str, spec: PolicySpec) -> None:
         p = spec.config
-        for g, records in tasks:
-            if p.kind == "expert":
-                out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "the scripted expert has no general ability"}
-            elif g.kind == "mc" and p.kind != "model":
-                out[name][g.name] = {"n": 0, "score": 0.0, "not_applicable": "log-likelihood needs local weights"}
-            elif g.kind == "mc":
-                out[name][g.name] = ray.get(mc_task.remote(p.model_path, records, g.name, cfg.model.chat_template))
-            else:
-                def generate(messages, _p=name, _max=g.max_tokens):
-                    return handle.chat.remote(_p, messages, _max).result()
+        if p.kind == "expert":
+            for t in tasks:
+                out[name][t.cfg.name] = not_applicable("the scripted expert has no general ability")
+            return
+        endpoint = endpoint_for_policy(cfg, name, p)
+        # The tokenizer the served model renders prompts with (EFT: the small fine-tuned model's).
+        tok_path = {"model": p.model_path, "eft": cfg.eft.small_ft or cfg.model.name_or_path}.get(str(p.kind), p.tokenizer)
+        cache: List[Any] = []
 
-                if g.kind == "code":
-                    out[name][g.name] = score_code(records, generate, g.name, g.timeout_s, cfg.eval.concurrency)
-                else:
-                    out[name][g.name] = score_math(records, generate, g.few_shot, g.name, cfg.eval.concurrency)
+        def tokenizer() -> Any:
+            if not cache:
+                cache.append(load_tokenizer(tok_path, spec.chat_template) if tok_path else None)
+            return cache[0]
+
+        for t in tasks:
+            t0 = time.time()
+            res = score_task(t, endpoint, p, tokenizer, judges.get(t.cfg.name), cfg.eval.concurrency)
+            out[name][t.cfg.name] = {**res, "wall_s": round(time.time() - t0, 2)}
+            log.info("general %s / %s: %s", name, t.cfg.name, res.get("not_applicable") or f"{res['score']:.4f}")
 
     # Policies side by side: each has its own model replicas, so they decode in parallel.
     with ThreadPoolExecutor(max_workers=max(1, len(policies))) as pool:
@@ -151,44 +176,61 @@ def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, D
 
 def build_report(cfg: DictConfig, policies: Dict[str, PolicySpec], run: Dict[str, Any],
                  general: Dict[str, Dict[str, Any]], out_dir: str) -> Dict[str, Any]:
+    """report.json's content: per policy, per task and per category, beside the paper's columns."""
     episodes = EpisodeStore(os.path.join(out_dir, TRAJECTORIES)).load()
+    paper = rep.load_paper_table(cfg.eval.paper_table)
     thresholds = {t.name: t.success_threshold for t in cfg.eval.tasks}
     categories = {t.name: t.category for t in cfg.eval.tasks}
     categories.update({g.name: g.category for g in cfg.eval.general})
-    weights, reference = dict(cfg.eval.weights), dict(cfg.eval.reference_scores)
+    reference = {**paper["reference"], **dict(cfg.eval.reference_scores)}
+    # A full category: the paper's tasks for it, plus every configured task (an unavailable one is missing).
+    expected = {c: list(ts) for c, ts in paper["categories"].items()}
+    for name, cat in categories.items():
+        if name not in expected.setdefault(cat, []):
+            expected[cat].append(name)
     report: Dict[str, Any] = {"categories": categories, "policies": {},
                               "trajectories": os.path.join(out_dir, TRAJECTORIES),
                               "failures": run["failures"], "skipped": run["skipped"],
-                              "wall_s": run["wall_s"], "episodes_run": run["ran"], "episodes_resumed": run["resumed"]}
+                              "unavailable": run.get("unavailable", {}),
+                              "wall_s": run["wall_s"], "episodes_run": run["ran"], "episodes_resumed": run["resumed"],
+                              "episodes_restarted": run.get("restarted", 0),
+                              "paper": {"table": cfg.eval.paper_table, "columns": paper["columns"]}}
     for p in policies:
         tasks: Dict[str, Any] = {}
         for t, ids in run["ids"].items():
             eps = [episodes[(p, t, i)] for i in ids if (p, t, i) in episodes]
             tasks[t] = rep.task_summary(eps, thresholds[t], len(ids), len(run["skipped"].get(t, {})))
+            ps = run.get("paper", {}).get(p, {}).get(t, {})
+            tasks[t].update(paper_score=ps.get("score", 100.0 * tasks[t]["score"]), metric=ps.get("metric", "mean_reward"))
         for g, res in general.get(p, {}).items():
             tasks[g] = {k: v for k, v in res.items() if k != "predictions"}
+            # The paper's scale: percentages, MT-Bench its 1-10 rating as is.
+            kind = next((str(x.kind) for x in cfg.eval.general if x.name == g), "")
+            tasks[g].setdefault("paper_score", tasks[g].get("score", 0.0) * (1.0 if kind == "mtbench" else 100.0))
         scored = {t: s for t, s in tasks.items() if "not_applicable" not in s}
         report["policies"][p] = {"kind": str(policies[p].config.kind), "tasks": tasks,
-                                 "categories": rep.category_scores(scored, categories, weights, reference)}
+                                 "categories": rep.category_scores(scored, categories, reference, expected)}
     return report
 
 
-def log_wandb(cfg: DictConfig, report: Dict[str, Any], files: List[str]) -> None:
-    """Same numbers to wandb; offline without credentials; never blocks or fails the job."""
-    if cfg.wandb.mode == "disabled":
+def log_wandb(cfg: DictConfig, policies: Dict[str, PolicySpec], report: Dict[str, Any], files: List[str]) -> None:
+    """The same numbers to wandb (run of job_type eval in the experiment's group, a stable id, the
+    evaluated models in its config, per-task scores, the report image); offline without credentials."""
+    w = cfg.wandb
+    name = w.name or os.path.basename(os.path.normpath(cfg.eval.output_dir))
+    run_cfg = tracking.resolve(str(w.mode), w.project, w.group or cfg.train.run_name, "eval", name, list(w.tags) + ["eval"])
+    evaluated = {p: {"kind": str(s.config.kind), "model": s.config.model_path or s.config.model,
+                     "base_url": s.config.base_url} for p, s in policies.items()}
+    run = tracking.init(run_cfg, cfg.eval.output_dir, {"eval": to_dict(cfg.eval), "evaluated": evaluated})
+    if run is None:
         return
     try:
         import wandb
 
-        mode = cfg.wandb.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, tags=list(cfg.wandb.tags) + ["eval"],
-                         mode=mode, dir=cfg.eval.output_dir, config=to_dict(cfg)["eval"], reinit="finish_previous")
         summary = {}
         for p, r in report["policies"].items():
             for t, s in r["tasks"].items():
-                summary[f"{p}/{t}/score"] = s["score"]
+                summary[f"{p}/{t}/score"] = s.get("paper_score", s.get("score"))
                 if "success_rate" in s:
                     summary[f"{p}/{t}/success_rate"] = s["success_rate"]
             for c, s in r["categories"].items():
@@ -206,9 +248,6 @@ def log_wandb(cfg: DictConfig, report: Dict[str, Any], files: List[str]) -> None
 def main(cfg: DictConfig) -> Dict[str, Any]:
     """Run the configured evaluation; prints where the report went."""
     from ray import serve
-
-    from agenttuning.cluster import ray_session
-    from agenttuning.models import ensure_model
 
     out_dir = cfg.eval.output_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -231,10 +270,15 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     rep.write_markdown(report, files[1])
     if cfg.eval.plot:
         files.append(rep.write_plot(report, os.path.join(out_dir, "report.png")))
-    log_wandb(cfg, report, files)
-    lost = len(run["failures"])
+    log_wandb(cfg, policies, report, files)
+    lost, unavailable = len(run["failures"]), run.get("unavailable", {})
     print(f"evaluation report: {files[1]} ({run['ran']} episodes run, {run['resumed']} resumed"
           f"{f', {lost} failed: re-run to complete them' if lost else ''})")
+    if (lost or unavailable) and cfg.eval.strict:
+        # The report is written, but it is partial: say so in the exit code (scripts, CI, sweeps).
+        why = ([f"{lost} episodes failed (re-run to complete them)"] if lost else []) + (
+            [f"tasks unavailable: {', '.join(sorted(unavailable))}"] if unavailable else [])
+        raise JobFailed(f"evaluation incomplete: {'; '.join(why)}; partial report {files[1]}")
     return report
 
 

@@ -26,14 +26,32 @@ def test_repetition_and_error_labels():
     assert rep.episode_labels({**ep, "reward": 1.0}, 1.0) == []
 
 
-def test_category_scores_are_reference_weighted():
-    per_task = {"a": {"n": 2, "score": 0.5}, "b": {"n": 2, "score": 0.1}, "c": {"n": 0, "score": 0.0}}
+def test_category_overall_is_mean_score_over_reference_and_names_missing_tasks():
+    per_task = {"a": {"n": 2, "paper_score": 50.0}, "b": {"n": 2, "paper_score": 10.0}, "c": {"n": 0, "paper_score": 0.0}}
     cats = {"a": "held_in", "b": "held_in", "c": "held_in", "g": "general"}
-    out = rep.category_scores(per_task, cats, {}, {"a": 0.5, "b": 0.1})
-    # weights 2 and 10: (2*0.5 + 10*0.1) / 12
-    assert out["held_in"]["score"] == pytest.approx(2.0 / 12)
-    assert out["held_in"]["weights"] == {"a": 2.0, "b": 10.0}
-    assert rep.category_scores(per_task, cats, {"a": 1.0, "b": 1.0}, {"a": 0.5})["held_in"]["score"] == pytest.approx(0.3)
+    out = rep.category_scores(per_task, cats, {"a": 25.0, "b": 20.0}, {"held_in": ["a", "b", "c", "d"]})
+    assert out["held_in"]["score"] == pytest.approx((50 / 25 + 10 / 20) / 2)
+    assert out["held_in"]["partial"] and out["held_in"]["missing"] == ["c", "d"]
+    # A task without W: the plain mean of paper scores / 100, and the report says why.
+    plain = rep.category_scores(per_task, cats, {"a": 25.0}, None)["held_in"]
+    assert plain["score"] == pytest.approx(0.3) and "no reference W for b" in plain["formula"]
+
+
+def test_paper_formula_reproduces_the_papers_24_overall_numbers():
+    """The paper's per-task scores of its 8 models, with its implied W, give its published overalls."""
+    from agenttuning.paths import data_file
+
+    paper = rep.load_paper_table(data_file("paper/agenttuning_main_table.json"))
+    cats = {t: c for c, ts in paper["categories"].items() for t in ts}
+    checked = 0
+    for model, col in paper["columns"].items():
+        per_task = {t: {"n": 1, "paper_score": v} for t, v in col.items() if not t.endswith(" overall")}
+        out = rep.category_scores(per_task, cats, paper["reference"], paper["categories"])
+        for c in ("held_in", "held_out", "general"):
+            assert out[c]["score"] == pytest.approx(col[f"{c} overall"], abs=0.01), (model, c)
+            assert not out[c]["partial"]
+            checked += 1
+    assert checked == 24
 
 
 def _cfg(tmp_path, model_dir, data, **eval_over):
@@ -87,7 +105,8 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert tiny["tasks"]["db"]["leading_error"] == "invalid_format"
     assert expert["tasks"]["os"]["n"] == 3 and expert["tasks"]["os"]["score"] == 1.0
     assert tiny["tasks"]["os"]["score"] == 0.0 and tiny["tasks"]["os"]["leading_error"] == "invalid_format"
-    assert expert["categories"]["held_in"]["weights"] == {"db": 2.0, "os": 1.0}
+    assert expert["tasks"]["db"]["paper_score"] == 100.0 and expert["tasks"]["db"]["metric"] == "mean_reward"
+    assert expert["categories"]["held_in"]["reference"] == {"db": 0.5, "os": None}
     # General math runs through the same policy path; the expert has no general ability.
     assert tiny["tasks"]["gsm"]["n"] == 3 and 0.0 <= tiny["tasks"]["gsm"]["score"] <= 1.0
     assert "not_applicable" in expert["tasks"]["gsm"] and "general" not in expert["categories"]
@@ -97,7 +116,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert "not_applicable" in expert["tasks"]["humaneval"]
     out = tmp_path / "eval"
     md = (out / "report.md").read_text()
-    assert "expert score" in md and "tiny score" in md and "invalid_format" in md
+    assert "expert (n)" in md and "tiny (n)" in md and "invalid_format" in md
     assert (out / "report.png").stat().st_size > 1000
     lines = (out / "trajectories.jsonl").read_text().splitlines()
     assert len(lines) == 18 and {json.loads(l)["policy"] for l in lines} == {"expert", "tiny"}
@@ -131,7 +150,7 @@ def _kill_rollout_replica() -> int:
 def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_model_dir, bench_data, tmp_path):
     from pipelines.evaluate import main
 
-    common = dict(policies={"expert": {"kind": "expert"}}, concurrency=2, max_retries=0, tasks=[
+    common = dict(policies={"expert": {"kind": "expert"}}, concurrency=2, max_retries=0, strict=False, tasks=[
         {"name": "db", "env": "db", "path": str(bench_data / "agentbench/dbbench_dev.jsonl"), "options": {"max_turns": 3}}])
     cfg = _cfg(tmp_path, tiny_model_dir, bench_data, teardown=False, **common)
     traj = tmp_path / "eval" / "trajectories.jsonl"
@@ -144,6 +163,7 @@ def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_mo
     killed = _kill_rollout_replica()
     t.join(300)
     assert killed and result, "evaluation did not finish"
+
     finished = [json.loads(l) for l in traj.read_text().splitlines()]
     lost = len(result["failures"])
     assert lost >= 1 and len(finished) + lost == 60  # every episode is either saved or reported failed
@@ -155,3 +175,60 @@ def test_killed_replica_loses_no_finished_episode(ray_local, serve_down, tiny_mo
     assert again["policies"]["expert"]["tasks"]["db"]["score"] == 1.0
     keys = [(e["task"], e["task_id"]) for e in map(json.loads, traj.read_text().splitlines())]
     assert len(keys) == len(set(keys)) == 60
+
+
+def test_unavailable_task_is_reported_and_exits_non_zero(ray_local, serve_down, tiny_model_dir, bench_data, tmp_path):
+    """An environment that cannot start: the other tasks run, the report names it, the job fails
+    (strict) with a one-line reason after writing the report."""
+    from agenttuning.cluster import JobFailed
+    from pipelines.evaluate import main
+
+    tasks = [{"name": "db", "env": "db", "path": str(bench_data / "agentbench/dbbench_dev.jsonl"), "limit": 2},
+             {"name": "kg", "env": "kg", "category": "held_in"}]  # no SPARQL endpoint configured
+    cfg = _cfg(tmp_path, tiny_model_dir, bench_data, policies={"expert": {"kind": "expert"}}, tasks=tasks)
+    with pytest.raises(JobFailed, match="evaluation incomplete: tasks unavailable: kg"):
+        main(cfg)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert "sparql_url" in report["unavailable"]["kg"]
+    held_in = report["policies"]["expert"]["categories"]["held_in"]
+    assert held_in["partial"] and held_in["missing"] == ["kg"] and report["policies"]["expert"]["tasks"]["db"]["n"] == 2
+    assert "kg not evaluated" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def _kill_serve_replica(deployment: str, app: str) -> str:
+    """Kill one replica actor of a Serve deployment (as a crash would); returns its actor name."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+    assert names, f"no replica of {app}/{deployment}"
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    return names[0]
+
+
+@pytest.mark.slow
+def test_killed_model_and_rollout_replicas_every_episode_exactly_once(ray_local, serve_down, tiny_model_dir,
+                                                                      bench_data, tmp_path):
+    """A model replica and a rollout replica (which holds the environments) die mid-evaluation: the
+    episodes they held are replayed once Serve has replaced them, every episode is stored exactly
+    once, and the report counts the replayed ones."""
+    from pipelines.evaluate import main
+
+    common = dict(policies={"tiny": {"kind": "model", "max_tokens": 16}}, concurrency=2, max_retries=3, tasks=[
+        {"name": "db", "env": "db", "path": str(bench_data / "agentbench/dbbench_dev.jsonl"), "limit": 12,
+         "options": {"max_turns": 3, "backend": "sqlite"}}])
+    cfg = _cfg(tmp_path, tiny_model_dir, bench_data, **common)
+    traj = tmp_path / "eval" / "trajectories.jsonl"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(main(cfg)))
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (traj.exists() and len(traj.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    killed = [_kill_serve_replica("LLMServer", "llm-tiny"), _kill_rollout_replica()]
+    t.join(600)
+    assert all(killed) and result, "evaluation did not finish"
+    keys = [(e["task"], e["task_id"]) for e in map(json.loads, traj.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 12 and result["failures"] == []
+    assert result["episodes_restarted"] >= 1
+    assert result["policies"]["tiny"]["tasks"]["db"]["n"] == 12

