@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -23,13 +24,24 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from omegaconf import DictConfig
 
+from agenttuning.chat import (
+    IGNORE_INDEX,
+    ChatError,
+    labels_from_offsets,
+    load_tokenizer,
+    normalize_messages,
+    preview,
+    render,
+    tokenizer_fingerprint,
+)
+from agenttuning.cluster import ray_session
+from agenttuning.config import ConfigError, SourceConfig, to_dict, to_object
+from agenttuning.models import ensure_model
+from agenttuning.sources import iter_local, iter_text, read_source, resolve, to_messages
 from pipelines import mixing
-from agenttuning.chat import ChatError, IGNORE_INDEX, labels_from_offsets, load_tokenizer, normalize_messages, render
-from agenttuning.config import ConfigError, SourceConfig, load_config, to_dict, to_object
-from agenttuning.sources import SourceError, iter_local, iter_text, read_source, resolve, to_messages
 
 log = logging.getLogger(__name__)
-CONFIG_SECTIONS = ('model', 'data')  # what `--help` lists
+CONFIG_SECTIONS = ('model', 'data', 'train')  # what `--help` lists (train: data.size_by=schedule)
 
 GROUP_ID = {"agent": 0, "general": 1}
 
@@ -177,6 +189,8 @@ def _check_sources(cfg: DictConfig) -> List[SourceConfig]:
     for s in sources:
         resolve(s)
     groups = {s.group for s in sources}
+    if cfg.data.repeat_warning <= 0:
+        raise ConfigError(f"config key 'data.repeat_warning': must be > 0, got {cfg.data.repeat_warning}")
     if cfg.data.eta > 0 and "agent" not in groups:
         raise ConfigError(f"config key 'data.eta': {cfg.data.eta} > 0 but no source has group 'agent'")
     if cfg.data.eta < 1 and "general" not in groups:
@@ -203,43 +217,67 @@ def _reference_ngrams(cfg: DictConfig) -> Optional[np.ndarray]:
 
 
 def plan(meta, sources: List[SourceConfig], cfg: DictConfig) -> Dict[str, Any]:
-    """Dedup, η-mix and packing plan from per-record metadata (a pandas DataFrame)."""
+    """Dedup, η-mix and packing plan from per-record metadata (a pandas DataFrame).
+
+    The output size is data.num_samples, else set by data.size_by: every agent (or general)
+    sample once, or (schedule) enough samples to fill train.max_steps × train.global_batch_size
+    packed rows — samples per row measured by packing a pilot mix of the same sources, then
+    corrected on the real plan. Groups in data.natural_groups use every record equally often.
+    """
     d = cfg.data
     valid = meta[meta["reject"] == ""].sort_values("sid", kind="stable")
     dup = valid.duplicated("hash", keep="first") if d.dedup else np.zeros(len(valid), dtype=bool)
     dup_sids = set(valid.loc[dup, "sid"].tolist())
     valid = valid[~dup]
     avail = {s.name: valid[valid["source"] == s.name] for s in sources}
-    n_group = {g: sum(len(avail[s.name]) for s in sources if s.group == g) for g in GROUP_ID}
-    want_agent, want_general = mixing.plan_group_targets(n_group["agent"], n_group["general"], d.eta, d.num_samples)
-    for g, want in (("agent", want_agent), ("general", want_general)):
-        if want and not n_group[g]:
-            raise ConfigError(f"config key 'data.eta': the mix needs {want} '{g}' samples but none are valid")
-    targets: Dict[str, int] = {}
-    for g, want in (("agent", want_agent), ("general", want_general)):
-        members = [s for s in sources if s.group == g and len(avail[s.name])]
-        for s, k in zip(members, mixing.allocate(want, [s.weight for s in members])):
-            targets[s.name] = k
-    # Every selected copy of a sample becomes one packing item.
-    items_sid, items_len = [], []
-    for idx, s in enumerate(sources):
-        a = avail[s.name]
-        copies = mixing.choose_copies(len(a), targets.get(s.name, 0), np.random.default_rng([d.seed, idx]))
-        items_sid.append(np.repeat(a["sid"].to_numpy(), copies))
-        items_len.append(np.repeat(a["n_tokens"].to_numpy(), copies))
-    sids = np.concatenate(items_sid) if items_sid else np.zeros(0, np.int64)
-    lens = np.concatenate(items_len) if items_len else np.zeros(0, np.int64)
-    if d.pack:
-        bins = mixing.pack_best_fit_decreasing(lens.tolist(), d.max_seq_len)
+    counts = {s.name: len(avail[s.name]) for s in sources}
+    groups = {s.name: str(s.group) for s in sources}
+    n_group = {g: sum(n for s, n in counts.items() if groups[s] == g) for g in GROUP_ID}
+    natural = [str(g) for g in d.natural_groups]
+
+    def build(total: int):
+        want = {"agent": int(round(d.eta * total))}
+        want["general"] = total - want["agent"]
+        for g in GROUP_ID:
+            if want[g] and not n_group[g]:
+                raise ConfigError(f"config key 'data.eta': the mix needs {want[g]} '{g}' samples but none are valid")
+        targets = mixing.mix_targets(counts, groups, {s.name: s.weight for s in sources}, natural, d.eta, total)
+        # Every selected copy of a sample becomes one packing item.
+        items_sid, items_len = [], []
+        for idx, s in enumerate(sources):
+            a = avail[s.name]
+            copies = mixing.choose_copies(len(a), targets.get(s.name, 0), np.random.default_rng([d.seed, idx]))
+            items_sid.append(np.repeat(a["sid"].to_numpy(), copies))
+            items_len.append(np.repeat(a["n_tokens"].to_numpy(), copies))
+        sids = np.concatenate(items_sid) if items_sid else np.zeros(0, np.int64)
+        lens = np.concatenate(items_len) if items_len else np.zeros(0, np.int64)
+        bins = mixing.pack_best_fit_decreasing(lens.tolist(), d.max_seq_len) if d.pack else [[i] for i in range(len(sids))]
+        return targets, sids, lens, bins
+
+    rows_target = None
+    if d.num_samples is not None:
+        targets, sids, lens, bins = build(d.num_samples)
+    elif d.size_by == "schedule":
+        rows_target = cfg.train.max_steps * cfg.train.global_batch_size
+        # Pilot: the default mix (every agent sample once) measures samples per packed row.
+        targets, sids, lens, bins = build(mixing.default_total(n_group["agent"], n_group["general"], d.eta, "agent"))
+        for _ in range(3):  # the first estimate, then up to two corrections on the real plan
+            if not bins or abs(len(bins) - rows_target) <= max(1, 0.002 * rows_target):
+                break
+            total = int(round(rows_target * len(sids) / len(bins)))
+            if total == len(sids):
+                break
+            targets, sids, lens, bins = build(total)
     else:
-        bins = [[i] for i in range(len(sids))]
+        targets, sids, lens, bins = build(mixing.default_total(n_group["agent"], n_group["general"], d.eta, str(d.size_by)))
     # Seeded global shuffle of rows: row r gets number perm[r].
     perm = np.random.default_rng([d.seed, 1 << 20]).permutation(len(bins))
     assign: Dict[int, List[List[int]]] = {}
     for b, members in enumerate(bins):
         for pos, item in enumerate(members):
             assign.setdefault(int(sids[item]), []).append([int(perm[b]), pos])
-    return {"targets": targets, "assign": assign, "num_rows": len(bins), "dup_sids": dup_sids, "items": (sids, lens)}
+    return {"targets": targets, "assign": assign, "num_rows": len(bins), "dup_sids": dup_sids, "items": (sids, lens),
+            "valid": counts, "rows_target": rows_target}
 
 
 def _write_rejects(rejects_ds, path: str) -> Counter:
@@ -258,22 +296,20 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     """Build the dataset described by cfg.data; returns the manifest (also written to output_dir)."""
     import ray
 
-    from agenttuning.cluster import ray_session
-    from agenttuning.models import ensure_model
-
     t0 = time.time()
     d = cfg.data
     sources = _check_sources(cfg)
     model_path = ensure_model(cfg)
     tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
     ref = _reference_ngrams(cfg)
-    out = os.path.abspath(d.output_dir)
-    os.makedirs(out, exist_ok=True)
-    if os.listdir(out) and not d.overwrite:
-        raise ConfigError(f"config key 'data.output_dir': {out} is not empty (set data.overwrite=true)")
-    for f in os.listdir(out):  # no stale shard of an earlier run may survive
-        if f.startswith("part-") or f in ("manifest.json", "rejects.jsonl"):
-            os.remove(os.path.join(out, f))
+    final = os.path.abspath(d.output_dir)
+    if os.path.isdir(final) and os.listdir(final) and not d.overwrite:
+        raise ConfigError(f"config key 'data.output_dir': {final} is not empty (set data.overwrite=true)")
+    # Written in a sibling folder and renamed into place at the end: a job killed at any moment
+    # never leaves a folder that a training job would read as a complete dataset.
+    out = f"{final}.partial"
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
 
     with ray_session():
         ctx = ray.data.DataContext.get_current()
@@ -315,16 +351,30 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     if p["num_rows"] == 0:
         raise ConfigError(f"config key 'data.sources': no valid samples to write (see {out}/rejects.jsonl)")
     manifest = _manifest(cfg, sources, meta, p, rejected, tok, model_path, out)
+    for name, ep in manifest["repeated"].items():
+        v = manifest["sources"][name]
+        log.warning("source %s: each of its %d records is used %.1f times on average (%d samples; "
+                    "data.repeat_warning = %g): repetition this high risks memorising it", name, v["valid"], ep,
+                    v["samples"], d.repeat_warning)
+    manifest["rejects_file"] = os.path.join(final, "rejects.jsonl")
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
+    _publish(out, final)
     log.info("data job finished in %.1fs", time.time() - t0)
-    _summary(manifest, out)
+    _summary(manifest, final)
     return manifest
 
 
-def _manifest(cfg, sources, meta, p, rejected, tok, model_path, out) -> Dict[str, Any]:
-    from agenttuning.chat import tokenizer_fingerprint
+def _publish(staged: str, final: str) -> None:
+    """Replace ``final`` by the complete ``staged`` folder (two renames; the old one is removed after)."""
+    old = f"{final}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
 
+
+def _manifest(cfg, sources, meta, p, rejected, tok, model_path, out) -> Dict[str, Any]:
     d = cfg.data
     sids, lens = p["items"]
     sup_by_sid = dict(zip(meta["sid"].tolist(), meta["n_sup"].tolist()))
@@ -339,6 +389,9 @@ def _manifest(cfg, sources, meta, p, rejected, tok, model_path, out) -> Dict[str
             "truncated": int(m["truncated"].sum()), "target": int(p["targets"].get(s.name, 0)),
             "samples": int(sel.sum()), "tokens": int(lens[sel].sum()),
             "supervised_tokens": int(sum(sup_by_sid[int(x)] for x in sids[sel])),
+            # Unique valid records, and how often each is used in the output on average (epochs).
+            "valid": int(p["valid"][s.name]), "epochs": round(mixing.epochs(int(sel.sum()), p["valid"][s.name]), 4),
+            "natural": str(s.group) in [str(g) for g in d.natural_groups],
         }
     n_agent = sum(v["samples"] for v in per_src.values() if v["group"] == "agent")
     n_total = int(len(sids))
@@ -355,6 +408,13 @@ def _manifest(cfg, sources, meta, p, rejected, tok, model_path, out) -> Dict[str
         "eta_target": d.eta, "eta_actual": (n_agent / n_total) if n_total else 0.0,
         "num_samples": n_total, "num_rows": p["num_rows"], "num_tokens": tokens,
         "num_supervised_tokens": sum(v["supervised_tokens"] for v in per_src.values()),
+        "size_by": "num_samples" if d.num_samples is not None else str(d.size_by),
+        "natural_groups": [str(g) for g in d.natural_groups],
+        # size_by=schedule: the rows the training schedule consumes (train.max_steps × train.global_batch_size).
+        "rows_target": p["rows_target"],
+        "samples_per_row": n_total / p["num_rows"] if p["num_rows"] else 0.0,
+        "repeat_warning": d.repeat_warning,
+        "repeated": {k: v["epochs"] for k, v in per_src.items() if v["epochs"] > d.repeat_warning},
         "packing_efficiency": tokens / (p["num_rows"] * d.max_seq_len) if p["num_rows"] else 0.0,
         "sources": per_src,
         "rejected": dict(sorted(rejected.items())), "rejected_total": int(sum(rejected.values())),
@@ -367,13 +427,15 @@ def _summary(m: Dict[str, Any], out: str) -> None:
     print(f"data: {m['num_samples']} samples ({m['num_tokens']} tokens, {m['num_supervised_tokens']} supervised) "
           f"in {m['num_rows']} rows of {m['max_seq_len']}; eta {m['eta_actual']:.4f} (target {m['eta_target']}); "
           f"packing efficiency {m['packing_efficiency']:.4f}; rejected {m['rejected_total']} {m['rejected']}")
+    target = f" (schedule: {m['rows_target']} rows)" if m.get("rows_target") else ""
+    print("samples (× each record) by source: " + ", ".join(
+        f"{k} {v['samples']} (×{v['epochs']:.2f})" for k, v in m["sources"].items())
+        + f"; {m['samples_per_row']:.2f} samples per row{target}")
     print(f"outputs: {out}/ (manifest.json, {len(m['shards'])} parquet shards, rejects.jsonl)")
 
 
 def preview_main(cfg: DictConfig, n: int = 1) -> None:
     """Print n rendered samples per source with supervised token runs marked ⟦…⟧."""
-    from agenttuning.chat import preview
-    from agenttuning.models import ensure_model
 
     tok = load_tokenizer(ensure_model(cfg), cfg.model.chat_template, cfg.model.trust_remote_code)
     for s in _check_sources(cfg):

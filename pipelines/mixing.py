@@ -8,7 +8,7 @@ import bisect
 import hashlib
 import re
 import zlib
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
@@ -38,18 +38,53 @@ def allocate(total: int, weights: Sequence[float]) -> List[int]:
     return out.tolist()
 
 
-def plan_group_targets(n_agent: int, n_general: int, eta: float, num_samples: int | None) -> Tuple[int, int]:
-    """(agent, general) sample targets for mix ratio eta.
+def default_total(n_agent: int, n_general: int, eta: float, size_by: str) -> int:
+    """Output samples when data.num_samples is null: every agent sample once (size_by=agent:
+    n_agent / eta) or every general sample once (size_by=general: n_general / (1 - eta)); at the
+    ends of eta's range the other group decides (eta == 0: n_general, eta == 1: n_agent)."""
+    if size_by == "general" and eta < 1:
+        return int(round(n_general / (1 - eta))) if n_general else 0
+    if eta > 0:
+        return int(round(n_agent / eta)) if n_agent else 0
+    return n_general
 
-    Default size: every agent sample once (n_agent / eta); for eta == 0 every general sample once.
+
+def mix_targets(counts: Dict[str, int], groups: Dict[str, str], weights: Dict[str, float],
+                natural: Sequence[str], eta: float, total: int) -> Dict[str, int]:
+    """Samples per source for `total` output samples at mix ratio eta.
+
+    counts: valid samples per source; groups: source -> agent|general; weights: relative weights
+    within a group; natural: groups taken in natural proportions. A natural group uses every record
+    the same whole number of times k (its epochs, k >= 1: no record is resampled or left out), so
+    its size is k × its record count; the other group is then sized to keep eta (when both are
+    natural, eta_actual only approximates eta). Other groups split their share by weight
+    (largest remainder, exact sum).
     """
-    if num_samples is None:
-        if eta > 0:
-            num_samples = int(round(n_agent / eta)) if n_agent else 0
-        else:
-            num_samples = n_general
-    agent = int(round(eta * num_samples))
-    return agent, num_samples - agent
+    members = {g: [s for s in counts if groups[s] == g and counts[s] > 0] for g in ("agent", "general")}
+    n = {g: sum(counts[s] for s in members[g]) for g in members}
+    want = {"agent": int(round(eta * total))}
+    want["general"] = total - want["agent"]
+    nat = {g: g in natural and n[g] > 0 for g in members}
+    other = {"agent": "general", "general": "agent"}
+    share = {"agent": eta, "general": 1.0 - eta}
+    for g in ("agent", "general"):  # agent first: with both natural, the agent group sets the size
+        if not nat[g] or want[g] <= 0:
+            continue
+        want[g] = max(1, int(round(want[g] / n[g]))) * n[g]
+        o = other[g]
+        if not nat[o] and share[g] > 0:
+            want[o] = int(round(want[g] * share[o] / share[g]))
+    out: Dict[str, int] = {}
+    for g in ("agent", "general"):
+        ms = members[g]
+        w = [counts[s] for s in ms] if nat[g] else [weights[s] for s in ms]
+        out.update(zip(ms, allocate(want[g], w)))
+    return out
+
+
+def epochs(samples: int, records: int) -> float:
+    """How many times each record is used on average (samples / records; 0 for an empty source)."""
+    return samples / records if records else 0.0
 
 
 def choose_copies(n: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 from collections import Counter
 
 import numpy as np
@@ -10,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import mixing
 from agenttuning.chat import IGNORE_INDEX, encode_chat, load_tokenizer
 from agenttuning.config import ConfigError, load_config
-from pipelines.data import main, plan, tokenize_batch
 from agenttuning.sources import SourceError, iter_file, to_messages
+from pipelines import mixing
+from pipelines.data import main, plan, tokenize_batch
 from pipelines.synthetic import agentinstruct_records, sharegpt_records, write_jsonl
 
 BAD_LINES = [  # (raw line bytes, expected reason)
@@ -93,6 +94,81 @@ def test_overlap_fraction():
     assert mixing.overlap_fraction("the quick brown fox jumps", ref, 5) == 1.0
     assert mixing.overlap_fraction("a b c d e f g", ref, 5) == 0.0
     assert mixing.overlap_fraction("x y the quick brown fox jumps", ref, 5) == pytest.approx(5 / 7)
+
+
+# ----------------------------------------------------------------------------- sizing: natural proportions, schedule
+
+AGENTLM = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "data_agentlm.yaml")
+# AgentInstruct as published (AgentTuning Table 1), in data_agentlm.yaml's source order.
+TABLE1 = {"os": 195, "db": 538, "kg": 324, "alfworld": 336, "webshop": 351, "mind2web": 122}
+
+
+def _agentlm_meta(n_general: int, rng_seed: int = 0) -> pd.DataFrame:
+    """Per-record metadata shaped like the data job's: AgentInstruct at Table 1 counts + ShareGPT."""
+    rng = np.random.default_rng(rng_seed)
+    names = [f"agentinstruct_{k}" for k in TABLE1] + ["sharegpt"]
+    sizes = list(TABLE1.values()) + [n_general]
+    source = np.repeat(names, sizes)
+    sid = np.concatenate([(i << 40) + np.arange(n) for i, n in enumerate(sizes)])
+    return pd.DataFrame({"source": source, "sid": sid, "reject": "", "hash": sid,
+                         "n_tokens": rng.integers(200, 3000, len(sid)), "n_sup": 100, "truncated": False})
+
+
+def _agentlm_sources():
+    return list(load_config(AGENTLM).data.sources)
+
+
+def _copies(p) -> Counter:
+    return Counter(int(s) for s in p["items"][0])
+
+
+def test_natural_proportions_use_every_agentinstruct_record_equally():
+    meta = _agentlm_meta(20_000)
+    # Equal weights (the old recipe): every split gets ~311 of 1,866, DB loses records, Mind2Web repeats.
+    weighted = plan(meta, _agentlm_sources(), load_config(AGENTLM, ["data.natural_groups=[]", "data.size_by=agent"]))
+    assert sorted(weighted["targets"][f"agentinstruct_{k}"] for k in TABLE1) == [311] * 6
+    # Natural proportions, every agent sample once: exactly Table 1, each trajectory once.
+    p = plan(meta, _agentlm_sources(), load_config(AGENTLM, ["data.size_by=agent"]))
+    assert {k: p["targets"][f"agentinstruct_{k}"] for k in TABLE1} == TABLE1
+    assert p["targets"]["sharegpt"] == 4 * 1866  # eta = 0.2 holds exactly
+    copies = _copies(p)
+    agent_sids = meta.loc[meta["source"] != "sharegpt", "sid"]
+    assert {copies[int(s)] for s in agent_sids} == {1}
+    # A larger output repeats AgentInstruct in whole epochs (never a random part of it), η kept.
+    p3 = plan(meta, _agentlm_sources(), load_config(AGENTLM, ["data.num_samples=27000"]))  # 0.2 × 27000 / 1866 ≈ 2.9
+    assert {k: p3["targets"][f"agentinstruct_{k}"] for k in TABLE1} == {k: 3 * n for k, n in TABLE1.items()}
+    copies3 = _copies(p3)
+    assert {copies3[int(s)] for s in agent_sids} == {3}
+    assert p3["targets"]["sharegpt"] == 4 * 3 * 1866
+    # The whole general group once instead (size_by=general): 20,000 ShareGPT → 5,000 agent samples → 3 epochs.
+    pg = plan(meta, _agentlm_sources(), load_config(AGENTLM, ["data.size_by=general"]))
+    assert pg["targets"]["agentinstruct_db"] == 3 * 538 and pg["targets"]["sharegpt"] == 4 * 3 * 1866
+
+
+def test_schedule_sizing_fills_the_training_rows():
+    meta = _agentlm_meta(30_000)
+    cfg = load_config(AGENTLM, ["data.natural_groups=[]", "train.max_steps=100", "train.global_batch_size=16"])
+    p = plan(meta, _agentlm_sources(), cfg)
+    assert p["rows_target"] == 1600 and abs(p["num_rows"] - 1600) <= 3  # samples per row measured, corrected
+    n = len(p["items"][0])
+    assert sum(v for k, v in p["targets"].items() if k != "sharegpt") == round(0.2 * n)
+    # Natural AgentInstruct: whole epochs, so the rows follow the schedule only up to one epoch's rounding.
+    q = plan(meta, _agentlm_sources(), load_config(AGENTLM, ["train.max_steps=400", "train.global_batch_size=16"]))
+    k = q["targets"]["agentinstruct_db"] // 538
+    assert {q["targets"][f"agentinstruct_{t}"] for t in TABLE1} == {k * n for n in TABLE1.values()} and k >= 2
+    assert abs(q["num_rows"] - 6400) / 6400 < 0.5 / k + 0.01
+
+
+def test_mix_targets_pure():
+    counts = {"a": 10, "b": 30, "g": 1000}
+    groups = {"a": "agent", "b": "agent", "g": "general"}
+    w = {"a": 1.0, "b": 1.0, "g": 1.0}
+    assert mixing.mix_targets(counts, groups, w, [], 0.5, 100) == {"a": 25, "b": 25, "g": 50}
+    assert mixing.mix_targets(counts, groups, w, ["agent"], 0.5, 160) == {"a": 20, "b": 60, "g": 80}  # 2 epochs
+    assert mixing.mix_targets(counts, groups, w, ["agent"], 0.5, 10) == {"a": 10, "b": 30, "g": 40}  # at least one
+    assert mixing.mix_targets(counts, groups, w, ["agent"], 0.0, 100) == {"a": 0, "b": 0, "g": 100}
+    assert mixing.default_total(40, 1000, 0.2, "agent") == 200 and mixing.default_total(40, 1000, 0.2, "general") == 1250
+    assert mixing.default_total(40, 1000, 0.0, "agent") == 1000 and mixing.default_total(40, 1000, 1.0, "general") == 40
 
 
 # ----------------------------------------------------------------------------- Ray end to end
@@ -209,3 +285,73 @@ def test_missing_source_fails_before_ray(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="data.eta"):
         main(load_config(None, [f"data.output_dir={tmp_path}/o", "data.eta=0.5",
                                 f"data.sources=[{{name: x, group: general, format: sharegpt, path: {tmp_path}/g.jsonl}}]"]))
+
+
+@pytest.fixture(scope="module")
+def agentinstruct_standins(tmp_path_factory):
+    """A local stand-in of THUDM/AgentInstruct (one file per split, Table 1's counts) + ShareGPT."""
+    d = tmp_path_factory.mktemp("agentinstruct")
+    for i, (task, n) in enumerate(TABLE1.items()):
+        write_jsonl(d / f"{task}.jsonl", agentinstruct_records(n, seed=100 + i, task=task, scale=0.1))
+    write_jsonl(d / "sharegpt.jsonl", sharegpt_records(1500, seed=7, scale=0.1))
+    return d
+
+
+@pytest.mark.slow  # a whole data job over ~11k records: 1-2 min on a loaded 2-CPU machine
+def test_agentlm_config_takes_agentinstruct_at_its_natural_counts(ray_local, agentinstruct_standins, tiny_model_dir,
+                                                                  tmp_path, caplog):
+    """configs/data_agentlm.yaml as shipped, its sources pointed (by name) at local stand-ins and its
+    schedule shrunk to ~one AgentInstruct epoch: every trajectory exactly once, ShareGPT filling
+    the schedule's rows at η = 0.2, and its repetition reported."""
+    d = agentinstruct_standins
+    cfg = load_config(AGENTLM, [
+        f"model.name_or_path={tiny_model_dir}", f"data.output_dir={tmp_path}/out",
+        *[f"data.sources.agentinstruct_{t}.path={d}" for t in TABLE1],  # split selects <split>.jsonl
+        f"data.sources.sharegpt.path={d}/sharegpt.jsonl",
+        "train.max_steps=56", "train.global_batch_size=8",  # 448 rows ≈ 9,330 samples of ~20 per row
+    ])
+    caplog.set_level("WARNING", logger="pipelines.data")
+    m = main(cfg)
+    src = m["sources"]
+    assert {t: src[f"agentinstruct_{t}"]["samples"] for t in TABLE1} == TABLE1
+    assert {src[f"agentinstruct_{t}"]["valid"] for t in TABLE1} == set(TABLE1.values())
+    assert {src[f"agentinstruct_{t}"]["epochs"] for t in TABLE1} == {1.0}
+    assert src["sharegpt"]["samples"] == 4 * 1866 and m["eta_actual"] == pytest.approx(0.2)
+    assert m["size_by"] == "schedule" and m["rows_target"] == 448 and abs(m["num_rows"] - 448) <= 448 // 2
+    assert m["repeated"] == {"sharegpt": pytest.approx(7464 / 1500, abs=1e-4)}
+    assert any("source sharegpt" in r.getMessage() and "used 5.0 times" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"]["agentinstruct_db"]["samples"] == 538
+
+
+@pytest.mark.slow
+def test_killed_data_job_leaves_no_output_that_looks_complete(tiny_model_dir, tmp_path):
+    """SIGKILL the data job while it writes: the output folder keeps the previous complete dataset
+    (or none); the half-written one sits in a `.partial` sibling that no job reads."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.synthetic import agentinstruct_records, sharegpt_records, write_jsonl
+
+    write_jsonl(str(tmp_path / "a.jsonl"), agentinstruct_records(60, seed=1, task="os", scale=0.2))
+    write_jsonl(str(tmp_path / "g.jsonl"), sharegpt_records(240, seed=2, scale=0.2))
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-m", "pipelines.cli", "data", "configs/data_example.yaml", f"data.output_dir={out}",
+           f"model.name_or_path={tiny_model_dir}", "model.tiny.enabled=false",
+           f"data.sources=[{{name: a, group: agent, format: agentinstruct, path: {tmp_path}/a.jsonl}},"
+           f"{{name: g, group: general, format: sharegpt, path: {tmp_path}/g.jsonl}}]"]
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    assert subprocess.run(cmd, cwd=repo, capture_output=True, timeout=600).returncode == 0
+    before = json.loads((out / "manifest.json").read_text())
+    proc = subprocess.Popen(cmd + ["data.seed=1"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    partial = pathlib.Path(f"{out}.partial")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (partial.exists() and any(partial.iterdir())):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert json.loads((out / "manifest.json").read_text()) == before  # untouched, complete
+    assert not (partial / "manifest.json").exists()
