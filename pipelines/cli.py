@@ -12,6 +12,7 @@ from agenttuning.cli import run_job
 # job name → module; each module has `main(cfg)` and may have `cli(argv)` for sub-commands.
 JOBS = {
     "run": "pipelines.run",  # every stage end to end (the quickstart)
+    "sweep": "pipelines.sweep",  # Ray Tune sweep over config keys: data → train → eval per trial, results table
     "collect": "pipelines.collect",  # AgentInstruct construction
     "general": "pipelines.general",  # offline general train/eval data
     "data": "pipelines.data",  # the η-mixed, packed dataset (Ray Data)

@@ -27,11 +27,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from pipelines import collect_instruct as ci
-from pipelines import mixing
+from agenttuning.cluster import JobFailed, ray_session
 from agenttuning.config import ConfigError, to_dict, to_object
 from agenttuning.schema import EvalTaskConfig, PolicyConfig, PolicyKind
+from agenttuning.sources import iter_text
+from pipelines import collect_instruct as ci
+from pipelines import mixing
 from pipelines.episodes import EpisodeStore, run_episodes
+from serve.lifecycle import start_serve
+from serve.rollout import PolicySpec, RolloutServer
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model', 'collect', 'serve')  # what `--help` lists
@@ -90,9 +94,6 @@ def deploy(cfg: DictConfig, tasks: List[EvalTaskConfig], teacher: PolicyConfig) 
     """The rollout application for the collect tasks (policies: teacher + scripted expert)."""
     from ray import serve
 
-    from serve.lifecycle import start_serve
-    from serve.rollout import PolicySpec, RolloutServer
-
     start_serve(to_object(cfg.serve))
     r = cfg.serve.rollout
     policies = {"teacher": PolicySpec(teacher), "expert": PolicySpec(PolicyConfig(kind=PolicyKind.expert))}
@@ -146,7 +147,6 @@ def reference(c: DictConfig):
     dc = c.decontamination
     if not dc.enabled or not dc.paths:
         return None
-    from agenttuning.sources import iter_text
 
     return mixing.reference_ngrams(iter_text(ci.expand_paths(list(dc.paths))), dc.ngram)
 
@@ -211,8 +211,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     """Build AgentInstruct data for ``collect.tasks``; prints the yield table and where outputs went."""
     from ray import serve
 
-    from agenttuning.cluster import ray_session
-
     c = cfg.collect
     if not c.tasks:
         raise ConfigError("config key 'collect.tasks': nothing to collect")
@@ -265,6 +263,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     print(table)
     print(f"AgentInstruct data: {out_dir} ({sum(v['kept'] for v in counts.values())} trajectories kept, "
           f"{time.time() - t0:.1f}s); stats: {stats_path}")
+    lost = sum(v["rollout_error"] for v in counts.values())
+    if lost:  # infrastructure, not the teacher: the outputs are written but incomplete
+        raise JobFailed(f"collect incomplete: {lost} episodes failed on the rollout deployment; re-run to complete them")
     return {"outputs": outputs, "stats": stats_path, "yield": counts, "yield_table": table}
 
 

@@ -20,8 +20,11 @@ from typing import Any, Dict, List, Optional, Set
 
 from agenttuning.config import ConfigError
 from agenttuning.schema import PolicyConfig
+from agenttuning.sources import iter_text
 from pipelines import derive
 from serve.envs import available, canonical
+from serve.envs.db import backend_running, get_backend, shutdown_backends
+from serve.rollout import OpenAIPolicy, PolicySpec, TeacherError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ Reply with ONLY a JSON object with the keys "description" (the question or reque
 
 def eval_questions(paths: List[str]) -> Set[str]:
     """Every string of the evaluation files, normalised: no derived question may equal one."""
-    from agenttuning.sources import iter_text
 
     return {derive.norm_question(t) for t in iter_text(expand_paths(paths))}
 
@@ -79,14 +81,12 @@ def check_tasks(tasks: Any) -> None:
 def prepare(task: Any, teacher: PolicyConfig, out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
     """The task file and split the rollout deployment will load for ``task`` and generation
     counts: ``{"path", "split", "generated": {...}}``."""
-    from serve.envs import db_backends
-
-    had_server = "mariadb" in db_backends._shared
+    had_server = backend_running("mariadb")
     try:
         return _prepare(task, teacher, out_dir, exclude)
     finally:
         if not had_server:  # a MariaDB server started here for gold answers is not needed any more
-            db_backends.shutdown_backends()
+            shutdown_backends()
 
 
 def _prepare(task: Any, teacher: PolicyConfig, out_dir: str, exclude: Set[str]) -> Dict[str, Any]:
@@ -108,7 +108,6 @@ def _prepare(task: Any, teacher: PolicyConfig, out_dir: str, exclude: Set[str]) 
             path = os.path.join(inst_dir, f"{task.name}.json")
             stats = derive.generate_os(path, ins.n, ins.seed, True, opts, exclude)
         return {"path": path, "split": None, "generated": stats}
-    from serve.rollout import OpenAIPolicy, PolicySpec
 
     # Diverse candidates: sample at a temperature of at least 0.7.
     policy = OpenAIPolicy(PolicySpec(dataclasses.replace(teacher, temperature=max(0.7, teacher.temperature))))
@@ -131,7 +130,6 @@ def _parse_json(text: str) -> Dict[str, Any]:
 
 async def _self_instruct(policy: Any, task: Any, path: str, rejects_path: str, exclude: Set[str]) -> Dict[str, Any]:
     """Ask the teacher for ``instructions.n`` candidates, validate each, write valid ones."""
-    from serve.rollout import TeacherError
 
     ins, db = task.instructions, canonical(task.env) == "db"
     rng = random.Random(f"self|{ins.seed}")
@@ -205,7 +203,6 @@ def _os_candidate(obj: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _db_candidate(obj: Dict[str, Any], tb: Any, backend: str) -> Dict[str, Any]:
-    from serve.envs import db_backends
 
     desc, sql = obj.get("description"), obj.get("sql")
     if not isinstance(desc, str) or not desc.strip() or not isinstance(sql, str) or not sql.strip():
@@ -214,7 +211,7 @@ def _db_candidate(obj: Dict[str, Any], tb: Any, backend: str) -> Dict[str, Any]:
     if kind not in ("SELECT", *derive.MODIFY):
         raise ValueError(f"type {kind!r} is not SELECT/INSERT/UPDATE/DELETE")
     sql = " ".join(sql.split()).rstrip(";")
-    gold = derive._execute(db_backends.get_backend(backend), tb, kind, sql)
+    gold = derive._execute(get_backend(backend), tb, kind, sql)
     add = f"The name of this table is {tb.name}, and the headers of this table are {','.join(tb.cols)}."
     return {"description": desc.strip(), **gold, "type": [kind], "add_description": add,
             "table": {"table_name": tb.name, "table_info": {"columns": [{"name": c, "type": "TEXT"} for c in tb.cols],

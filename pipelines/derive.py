@@ -18,9 +18,16 @@ accepts against it.
 
 import json
 import logging
+import os
 import random
 import re
+import tempfile
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from agenttuning.jsonl import iter_jsonl
+from serve.envs import load
+from serve.envs.db import column_names, get_backend, record_problem
+from serve.envs.os_shell import check
 
 log = logging.getLogger(__name__)
 
@@ -223,29 +230,19 @@ MODIFY = ("INSERT", "UPDATE", "DELETE")
 
 def read_tables(path: str) -> Tuple[List[_Table], Set[str], int]:
     """Distinct tables of a DBBench jsonl, the questions it asks, and its unusable record count."""
-    from serve.envs.db import DBEnv, _column_names
-
     tables: Dict[str, _Table] = {}
     questions: Set[str] = set()
     bad = 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if DBEnv._check_record(rec):
-                bad += 1
-                continue
-            questions.add(norm_question(rec["description"]))
-            info = rec["table"]["table_info"]
-            cols = _column_names([str(c["name"]) for c in info["columns"]])
-            rows = [[str(v) for v in r] for r in info.get("rows", [])]
-            key = json.dumps([rec["table"]["table_name"], cols, rows], ensure_ascii=False)
-            tables.setdefault(key, _Table(str(rec["table"]["table_name"]), cols, rows, f"{path}:{n}"))
+    for n, rec, problem in iter_jsonl(path, on_error="keep", objects=False):
+        if problem or record_problem(rec):  # unusable records are counted (the env skips them too)
+            bad += 1
+            continue
+        questions.add(norm_question(rec["description"]))
+        info = rec["table"]["table_info"]
+        cols = column_names([str(c["name"]) for c in info["columns"]])
+        rows = [[str(v) for v in r] for r in info.get("rows", [])]
+        key = json.dumps([rec["table"]["table_name"], cols, rows], ensure_ascii=False)
+        tables.setdefault(key, _Table(str(rec["table"]["table_name"]), cols, rows, f"{path}:{n}"))
     return list(tables.values()), questions, bad
 
 
@@ -279,11 +276,9 @@ def derive_db(source: str, out_path: str, per_table: int = 8, seed: int = 0, bac
     source's own questions are always excluded. Returns counts: ``tables``, ``candidates``,
     ``invalid`` (gold SQL failed, empty result, no change), ``excluded``, ``written``, by kind.
     """
-    from serve.envs import db_backends
-
     tables, seen, bad = read_tables(source)
     seen |= {norm_question(q) for q in exclude}
-    be = db_backends.get_backend(backend)
+    be = get_backend(backend)
     stats: Dict[str, Any] = {"tables": len(tables), "bad_source_records": bad, "candidates": 0, "invalid": 0,
                              "excluded": 0, "written": 0, "by_kind": {}, "backend": be.name}
     out: List[Dict[str, Any]] = []
@@ -397,8 +392,6 @@ def generate_os(out_path: str, n: int = 12, seed: int = 0, validate: bool = True
                 env_options: Optional[Dict[str, Any]] = None, exclude: Iterable[str] = ()) -> Dict[str, Any]:
     """Write ``n`` templated OS tasks, each validated in the sandbox: the reference solution's
     output must pass the task's checker against the generator's own answer."""
-    from serve.envs.os_shell import check
-
     rng = random.Random(f"os|{seed}")
     seen = {norm_question(q) for q in exclude}
     tasks, stats = [], {"candidates": 0, "invalid": 0, "excluded": 0, "written": 0}
@@ -431,11 +424,6 @@ def generate_os(out_path: str, n: int = 12, seed: int = 0, validate: bool = True
 def run_references(tasks: List[Dict[str, Any]], env_options: Dict[str, Any]) -> List[Optional[str]]:
     """Output of each OS task's reference solution, run in a fresh sandbox after its init (None
     when the sandbox or the script fails)."""
-    import os
-    import tempfile
-
-    from serve.envs import load
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tasks.json")
         with open(path, "w", encoding="utf-8") as f:

@@ -6,7 +6,7 @@ Stages, each the same code as its own job, sharing one Ray instance:
 2. split    split the DB task file by table into training seeds and held-in test tasks
 3. collect  AgentInstruct construction: derived DB tasks, scripted-expert rollouts,
             reward filter, decontamination against the test split (``pipelines.collect``)
-4. general  offline general data + evaluation subsets (MMLU, GSM8K-style, HumanEval)
+4. general  offline general data + evaluation subsets (MMLU 5-shot, GSM8K train/test, HumanEval)
 5. data     η-mixed, loss-masked, packed dataset (``pipelines.data``)
 6. train    Ray Train + DeepSpeed fine-tuning (``pipelines.train``)
 7. eval     untuned vs tuned, through Ray Serve (model servers + rollout deployment),
@@ -21,27 +21,21 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
+from agenttuning.cluster import ray_session
 from agenttuning.config import RUN_STAGES as STAGES
-from agenttuning.config import ConfigError, validate
+from agenttuning.config import ConfigError, with_updates
+from agenttuning.models import ensure_model
+from pipelines import collect, data, evaluate, general, train
 from pipelines.mixing import stable_hash64
+from pipelines.train_worker import list_checkpoints
+from serve.envs.base import EnvError, data_file
 
 log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('run', 'model', 'collect', 'general', 'data', 'train', 'scaling', 'serve', 'eval', 'wandb')  # what `--help` lists
-
-
-def derive(cfg: DictConfig, updates: Dict[str, Any]) -> DictConfig:
-    """A validated read-only copy of cfg with dotted-key updates (stages hand results on this way)."""
-    out = cfg.copy()  # keeps the typed schema, so updates are type-checked too
-    OmegaConf.set_readonly(out, False)
-    for key, value in updates.items():
-        OmegaConf.update(out, key, value, merge=True)
-    validate(out)
-    OmegaConf.set_readonly(out, True)
-    return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -79,8 +73,6 @@ def split_db(source: str, out_dir: str, test_fraction: float, seed: int) -> Dict
 
 
 def _latest_hf_checkpoint(run_directory: str) -> str:
-    from pipelines.train import list_checkpoints
-
     ckpts = list_checkpoints(run_directory)
     if not ckpts:
         raise RuntimeError(f"training wrote no checkpoint under {run_directory}")
@@ -100,97 +92,111 @@ def results_table(report: Dict[str, Any], policies: List[str]) -> str:
                     ("invalid_format", lambda s: str(s["status_counts"].get("invalid_format", 0))),
                     ("mean turns", lambda s: f"{s['mean_turns']:.2f}")]
         else:
-            rows = [(per[0].get("metric", "score"), lambda s: f"{s.get('score', 0.0):.3f} (n={s.get('n', 0)})")]
+            rows = [(str(per[0].get("metric", "score")), lambda s: f"{s.get('score', 0.0):.3f} (n={s.get('n', 0)})")]
         for metric, fmt in rows:
             cells = [fmt(s) if s and "not_applicable" not in s else "n/a" for s in per]
             lines.append(f"| {t} | {cats.get(t, '')} | {metric} | " + " | ".join(cells) + " |")
     for c in sorted({c for p in policies for c in report["policies"][p]["categories"]}):
         cells = [f"{report['policies'][p]['categories'][c]['score']:.3f}" if c in report["policies"][p]["categories"]
                  else "n/a" for p in policies]
-        lines.append(f"| **overall** | {c} | weighted score | " + " | ".join(cells) + " |")
+        lines.append(f"| **overall** | {c} | score / W | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- stages as a table
+
+
+class Run:
+    """What the stages share: the config, the output folder and each stage's result."""
+
+    def __init__(self, cfg: DictConfig, source: str) -> None:
+        self.cfg, self.source = cfg, source
+        self.out_dir = os.path.abspath(cfg.run.output_dir)
+        self.base = os.path.abspath(cfg.model.name_or_path)  # the untuned model
+        self.run_directory = os.path.join(os.path.abspath(cfg.train.output_dir), cfg.train.run_name)
+        self.summary: Dict[str, Any] = {"output_dir": self.out_dir}
+
+    # One method per stage, in RUN_STAGES order; each returns what goes into summary.json.
+    def model(self) -> str:
+
+        self.base = os.path.abspath(ensure_model(self.cfg))
+        return self.base
+
+    def split(self) -> Dict[str, Any]:
+        return split_db(self.source, self.out_dir, self.cfg.run.db_test_fraction, self.cfg.data.seed)
+
+    def collect(self) -> Any:
+
+        stats = os.path.join(self.cfg.collect.output_dir, "stats.json")
+        if self.cfg.run.resume and os.path.isfile(stats):
+            log.info("collect: reusing %s (run.resume)", stats)
+            return {"stats": stats}
+        return collect.main(self.cfg)
+
+    def general(self) -> Any:
+
+        return general.build_general(self.cfg.general.output_dir, self.cfg.general)
+
+    def data(self) -> Any:
+
+        return data.main(self.cfg)
+
+    def train(self) -> str:
+
+        done = [step for step, _ in list_checkpoints(self.run_directory)]
+        if self.cfg.run.resume and done and done[-1] >= self.cfg.train.max_steps:
+            log.info("train: %s already finished (step %d; run.resume)", self.run_directory, done[-1])
+        else:
+            train.main(self.cfg)
+        return _latest_hf_checkpoint(self.run_directory)
+
+    def eval(self) -> Dict[str, Any]:
+
+        tuned = self.summary.get("train") or self.base
+        pol = OmegaConf.to_container(self.cfg.run.eval_policy)
+        policies = {"untuned": {**pol, "kind": "model", "model_path": self.base},
+                    "tuned": {**pol, "kind": "model", "model_path": tuned}}
+        return evaluate.main(with_updates(self.cfg, {"eval.policies": policies}))
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def main(cfg: DictConfig) -> Dict[str, Any]:
-    """Run every stage; prints the results table and where everything went."""
-    from agenttuning.cluster import ray_session
+    """Run the configured stages in order; prints the results table and where everything went."""
 
     r = cfg.run
-    source = r.db_source or _default_db_source()  # before any work: a missing file fails fast
-    out_dir = os.path.abspath(r.output_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    run = Run(cfg, r.db_source or _default_db_source())  # before any work: a missing file fails fast
+    os.makedirs(run.out_dir, exist_ok=True)
     t_start = time.time()
     timings: Dict[str, float] = {}
-    summary: Dict[str, Any] = {"output_dir": out_dir}
-
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
-        if name not in r.stages:
-            log.info("stage %s: skipped (not in run.stages)", name)
-            return None
-        i = STAGES.index(name) + 1
-        log.info("━━ stage %d/%d: %s ━━ (%.0fs elapsed)", i, len(STAGES), name, time.time() - t_start)
-        t0 = time.time()
-        res = fn()
-        timings[name] = round(time.time() - t0, 1)
-        log.info("stage %s done in %.1fs", name, timings[name])
-        return res
-
     with ray_session(r.num_cpus):
-        from pipelines import collect, data, evaluate, general, train
-        from agenttuning.models import ensure_model
-
-        base = stage("model", lambda: os.path.abspath(ensure_model(cfg)))
-        base = base or os.path.abspath(cfg.model.name_or_path)
-        summary["db_split"] = stage("split", lambda: split_db(source, out_dir, r.db_test_fraction, cfg.data.seed))
-
-        def run_collect():
-            stats = os.path.join(cfg.collect.output_dir, "stats.json")
-            if r.resume and os.path.isfile(stats):
-                log.info("collect: reusing %s (run.resume)", stats)
-                return {"stats": stats}
-            return collect.main(cfg)
-
-        summary["collect"] = stage("collect", run_collect)
-        summary["general"] = stage("general", lambda: general.build_general(cfg.general.output_dir, cfg.general))
-        summary["data"] = stage("data", lambda: data.main(cfg))
-
-        run_directory = os.path.join(os.path.abspath(cfg.train.output_dir), cfg.train.run_name)
-
-        def run_train():
-            from pipelines.train import list_checkpoints
-
-            done = [s for s, _ in list_checkpoints(run_directory)]
-            if r.resume and done and done[-1] >= cfg.train.max_steps:
-                log.info("train: %s already finished (step %d; run.resume)", run_directory, done[-1])
-            else:
-                train.main(cfg)
-            return _latest_hf_checkpoint(run_directory)
-
-        tuned = stage("train", run_train)
-        summary["checkpoint"] = tuned
-        model_pol = OmegaConf.to_container(r.eval_policy)
-        policies = {"untuned": {**model_pol, "kind": "model", "model_path": base},
-                    "tuned": {**model_pol, "kind": "model", "model_path": tuned or base}}
-        ecfg = derive(cfg, {"eval.policies": policies})
-        report = stage("eval", lambda: evaluate.main(ecfg))
+        for i, name in enumerate(STAGES, 1):
+            if name not in r.stages:
+                log.info("stage %s: skipped (not in run.stages)", name)
+                continue
+            log.info("━━ stage %d/%d: %s ━━ (%.0fs elapsed)", i, len(STAGES), name, time.time() - t_start)
+            t0 = time.time()
+            run.summary[name] = getattr(run, name)()
+            timings[name] = round(time.time() - t0, 1)
+            log.info("stage %s done in %.1fs", name, timings[name])
+    summary = run.summary
+    summary["checkpoint"] = summary.get("train")
     summary["timings_s"] = timings
     summary["wall_s"] = round(time.time() - t_start, 1)
+    report = summary.pop("eval", None)
     if report:
         table = results_table(report, ["untuned", "tuned"])
         summary["table"] = table
-        with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-            f.write(f"# AgentTuning quickstart results\n\nModel: {base}\n\n{table}\n")
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(run.out_dir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(f"# AgentTuning quickstart results\n\nModel: {run.base}\n\n{table}\n")
+    with open(os.path.join(run.out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
-    _print_summary(cfg, summary, out_dir)
+    _print_summary(cfg, summary, run.out_dir)
     return summary
 
 
 def _default_db_source() -> str:
-    from serve.envs.base import EnvError, data_file
 
     try:
         return data_file("agentbench/dbbench_dev.jsonl")

@@ -15,10 +15,22 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
+from agenttuning import tracking
+from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
+from agenttuning.cluster import check_fits, pending_watch, ray_session
 from agenttuning.config import ConfigError, to_object
+from agenttuning.console import progress
+from agenttuning.models import ensure_model
 from pipelines.train_utils import COLUMNS, check_tokenizer, parquet_files, read_manifest
 from pipelines.train_worker import (  # noqa: F401 — list_checkpoints/STATE_FILE: public for the run job and tests
-    PROGRESS_FILE, STATE_FILE, WORKERS_FILE, TrainJob, is_local, list_checkpoints, run_dir, train_loop_per_worker,
+    PROGRESS_FILE,
+    STATE_FILE,
+    WORKERS_FILE,
+    TrainJob,
+    is_local,
+    list_checkpoints,
+    run_dir,
+    train_loop_per_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -30,8 +42,6 @@ CONFIG_SECTIONS = ('model', 'train', 'scaling', 'wandb')  # what `--help` lists
 
 def prepare(cfg: DictConfig) -> TrainJob:
     """Driver-side checks before any worker starts; returns what the workers receive."""
-    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
-    from agenttuning.models import ensure_model
 
     model, t = to_object(cfg.model), to_object(cfg.train)
     manifest = read_manifest(t.data_dir)
@@ -57,25 +67,15 @@ def prepare(cfg: DictConfig) -> TrainJob:
             raise ConfigError(f"config key 'train.resume_from': {t.resume_from} is not a training checkpoint "
                               f"(no {STATE_FILE})")
     model.name_or_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+    w = cfg.wandb
+    run = tracking.resolve(str(w.mode), w.project, w.group or t.run_name, "train", w.name or t.run_name, list(w.tags))
     return TrainJob(model=model, train=t, scaling=to_object(cfg.scaling), wandb=to_object(cfg.wandb),
                     files=[os.path.abspath(f) for f in files], num_rows=num_rows,
-                    seq_len=int(manifest.get("max_seq_len") or 0), wandb_mode=_wandb_mode(str(cfg.wandb.mode)))
-
-
-def _wandb_mode(mode: str) -> str:
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
-        return os.environ["WANDB_MODE"]
-    netrc = os.path.expanduser("~/.netrc")
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-        os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8").read())
-    return "online" if has_key else "offline"
+                    seq_len=int(manifest.get("max_seq_len") or 0), tracking=run)
 
 
 def main(cfg: DictConfig):
     """Build and run the TorchTrainer; returns the ray.train.Result."""
-    from agenttuning.cluster import ray_session
 
     job = prepare(cfg)
     with ray_session():  # RAY_ADDRESS (ray job submit), this process's instance, or a local one
@@ -99,7 +99,6 @@ def _last_metrics(job: TrainJob) -> Optional[Dict[str, Any]]:
 
 def _watch_progress(job: TrainJob, stop: threading.Event) -> None:
     """Driver-side progress bar from rank 0's progress file (workers' logs stay in Ray's folder)."""
-    from agenttuning.console import progress
 
     path = os.path.join(job.run_dir, PROGRESS_FILE)
     t = job.train
@@ -121,6 +120,33 @@ def _watch_progress(job: TrainJob, stop: threading.Event) -> None:
         bar.close()
 
 
+# CPUs kept free for the Ray Data tasks that list and read the training rows (file listing takes a
+# whole CPU): without them a CPU cluster whose workers hold every CPU waits forever.
+DATA_READ_CPUS = 1.0
+
+
+def worker_resources(job: TrainJob) -> Dict[str, float]:
+    """Resources per worker: the configured ones, else one GPU (GPU runs) or a CPU share that leaves
+    room for Ray Data's reads on a CPU cluster — with the worker's torch threads raised to match,
+    so a 2-CPU laptop runs the default 2-worker config without hand-tuned fractions."""
+    import ray
+
+    s, t = job.scaling, job.train
+    if s.resources_per_worker:
+        return dict(s.resources_per_worker)
+    if s.use_gpu or s.autoscaling:
+        return {"CPU": 1.0, **({"GPU": 1.0} if s.use_gpu else {})}
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    per = min(1.0, max(0.1, (total - DATA_READ_CPUS) / s.num_workers))
+    if per < 1.0:
+        if t.torch_threads is None:
+            t.torch_threads = max(1, int(total // s.num_workers))
+        log.info("training: %d workers × %.2f CPU on a %g-CPU cluster (%.1f CPU left for data reads; "
+                 "%d torch threads each; scaling.resources_per_worker overrides)", s.num_workers, per, total,
+                 DATA_READ_CPUS, t.torch_threads)
+    return {"CPU": round(per, 3)}
+
+
 def _fit(job: TrainJob):
     import ray
     from ray.data import ExecutionOptions
@@ -128,6 +154,10 @@ def _fit(job: TrainJob):
     from ray.train.torch import TorchTrainer
 
     t, s = job.train, job.scaling
+    resources = worker_resources(job)
+    check_fits([dict(resources) for _ in range(s.num_workers)], f"training ({s.num_workers} workers × {resources})",
+               "scaling.num_workers / scaling.resources_per_worker / scaling.use_gpu", str(s.placement_strategy),
+               s.autoscaling)
     if job.local:
         try:
             os.remove(os.path.join(job.run_dir, PROGRESS_FILE))
@@ -139,8 +169,7 @@ def _fit(job: TrainJob):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker=dict(s.resources_per_worker) or None,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=str(s.placement_strategy)),
         run_config=RunConfig(
             name=t.run_name, storage_path=t.output_dir,
@@ -156,7 +185,8 @@ def _fit(job: TrainJob):
     if job.local:
         watcher.start()
     try:
-        return trainer.fit()
+        with pending_watch(s.pending_timeout_s, "training", "scaling.num_workers / scaling.resources_per_worker"):
+            return trainer.fit()
     finally:
         stop.set()
         if watcher.is_alive():

@@ -24,11 +24,26 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from agenttuning import tracking
+from agenttuning.chat import load_tokenizer
 from agenttuning.config import ConfigError
+from agenttuning.models import load_causal_lm
 from agenttuning.schema import ModelConfig, ScalingSection, TrainConfig, WandbConfig
+from agenttuning.tracking import WandbRun
 from pipelines.train_utils import (
-    GROUPS, IGNORE, backward_scale, deepspeed_config, flops_per_token, lr_lambda, packed_forward,
-    peak_memory_gb, peak_tflops, precision, row_digest, shifted_targets, worker_rows,
+    GROUPS,
+    IGNORE,
+    backward_scale,
+    deepspeed_config,
+    flops_per_token,
+    lr_lambda,
+    packed_forward,
+    peak_memory_gb,
+    peak_tflops,
+    precision,
+    row_digest,
+    shifted_targets,
+    worker_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +67,7 @@ class TrainJob:
     files: List[str]  # the data job's Parquet shards (absolute)
     num_rows: int  # packed rows per epoch
     seq_len: int  # the data job's max_seq_len (for MFU)
-    wandb_mode: str  # online | offline | disabled, decided where the job was started
+    tracking: WandbRun  # wandb mode, stable run id and credentials, decided where the job was started
 
     @property
     def run_dir(self) -> str:
@@ -131,8 +146,6 @@ def build_engine(job: TrainJob, world: int) -> Tuple[Any, Any, Any]:
     import deepspeed
     import torch
     from transformers.integrations import HfDeepSpeedConfig
-
-    from agenttuning.models import load_causal_lm
 
     t, use_gpu = job.train, job.scaling.use_gpu
     # Wrap Ray Train's process group first: zero.Init (ZeRO-3 loading) reads the world size from it.
@@ -258,22 +271,11 @@ def save(engine: Any, tokenizer: Any, job: TrainJob, step: int, epoch: int, metr
 
 def init_wandb(job: TrainJob) -> Any:
     """The rank-0 wandb run (None when disabled or unavailable: tracking never stops training)."""
-    if job.wandb_mode == "disabled":
-        return None
-    try:
-        import dataclasses
+    import dataclasses
 
-        import wandb
-
-        w = job.wandb
-        directory = job.run_dir if job.local else tempfile.mkdtemp()
-        os.makedirs(directory, exist_ok=True)
-        config = {k: dataclasses.asdict(getattr(job, k)) for k in ("model", "train", "scaling")}
-        return wandb.init(project=w.project, name=w.name or job.train.run_name, tags=list(w.tags), config=config,
-                          mode=job.wandb_mode, dir=directory, resume="allow", settings=wandb.Settings(init_timeout=60))
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-        log.warning("wandb disabled: %s", exc)
-        return None
+    directory = job.run_dir if job.local else tempfile.mkdtemp()
+    config = {k: dataclasses.asdict(getattr(job, k)) for k in ("model", "train", "scaling")}
+    return tracking.init(job.tracking, directory, config)
 
 
 def record_placement(rank: int, world: int, start_step: int, path: Optional[str]) -> None:
@@ -323,8 +325,6 @@ class Worker:
     def __init__(self, job: TrainJob) -> None:
         import ray.train
         import torch
-
-        from agenttuning.chat import load_tokenizer
 
         ctx = ray.train.get_context()
         self.job, self.t, self.use_gpu = job, job.train, job.scaling.use_gpu

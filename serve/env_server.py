@@ -8,6 +8,10 @@ HTTP (DESIGN.md), JSON bodies, errors as ``{"error": {"reason": ..., "status": c
     DELETE /sessions/{session_id}        -> {closed: true}
     GET    /sessions/{session_id}/expert -> {action}: the scripted expert's next action
 
+Authentication (``serve.api_key_env`` / ``serve.api_key_file``, see ``serve.auth``): with a key
+configured every HTTP request needs ``Authorization: Bearer <key>`` (else 401 in the error shape
+above); ``GET /health`` stays open. Handle calls come from inside the cluster and are not checked.
+
 The same operations are methods for a DeploymentHandle: ``list_envs()``,
 ``create_session(env, task_id)``, ``step(session_id, action)``, ``expert_action(session_id)``,
 ``close_session(session_id)``.
@@ -24,6 +28,7 @@ concurrently. Run it with ``python -m serve.env_server CONFIG`` (section ``envs`
 
 import asyncio
 import logging
+import math
 import re
 import secrets
 import threading
@@ -40,8 +45,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import RequestRouter
 
+from agenttuning.cluster import ray_session
 from agenttuning.config import to_object
-from agenttuning.schema import EnvsConfig, EnvSpec
+from agenttuning.schema import EnvsConfig, EnvSpec, ServeConfig
+from serve.auth import BearerAuth, resolve_api_key
 from serve.envs import EnvError, EpisodeOver, TaskSetupError, UnknownTask, load
 from serve.lifecycle import placement, serve_until_stopped
 
@@ -52,9 +59,9 @@ CONFIG_SECTIONS = ('envs',)  # what `--help` lists
 class EnvServerError(Exception):
     """An API error: HTTP status code and a reason for the client."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, retry_after_s: Optional[float] = None):
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.retry_after_s = status, reason, retry_after_s
 
     def body(self) -> Dict[str, Any]:
         return {"error": {"reason": self.reason, "status": self.status}}
@@ -75,12 +82,13 @@ class SessionManager:
     """Sessions of one replica (plain Python: usable without Serve, and unit-testable)."""
 
     def __init__(self, envs: Dict[str, Union[EnvSpec, Dict[str, Any]]], max_sessions: int = 64,
-                 idle_timeout_s: float = 600.0, tag: Optional[str] = None) -> None:
+                 idle_timeout_s: float = 600.0, tag: Optional[str] = None, retry_after_s: float = 5.0) -> None:
         """``envs``: served name -> its EnvSpec (registry name, default the served name; task file;
         options). ``tag`` names this replica inside every session id (the Serve replica id, so the
         request router can find the session's replica)."""
         self.tag = tag or secrets.token_hex(4)
         self.max_sessions, self.idle_timeout_s = int(max_sessions), float(idle_timeout_s)
+        self.retry_after_s = retry_after_s  # a 429's Retry-After: a session slot frees when one closes
         self.envs: Dict[str, Any] = {}
         self.errors: Dict[str, str] = {}
         for name, spec in envs.items():
@@ -112,7 +120,8 @@ class SessionManager:
         with self._lock:
             if len(self.sessions) >= self.max_sessions:
                 raise EnvServerError(429, f"this replica already runs {len(self.sessions)} sessions "
-                                          f"(max_sessions={self.max_sessions}); retry later or close sessions")
+                                          f"(max_sessions={self.max_sessions}); retry later or close sessions",
+                                     self.retry_after_s)
             self.sessions[sid] = _Session(sid, env_name, str(task_id), None)  # reserves the slot
         env = self.envs[env_name].spawn()
         try:
@@ -209,6 +218,15 @@ class SessionManager:
 app = FastAPI(title="AgentTuning environment server")
 
 
+class _Auth:
+    """This process's API key (each replica is its own process; set by EnvServer.__init__)."""
+
+    key: Optional[str] = None
+
+
+app.add_middleware(BearerAuth, key=lambda: _Auth.key, error_body=lambda msg: EnvServerError(401, msg).body())
+
+
 class CreateBody(BaseModel):
     task_id: Union[str, int]
 
@@ -219,7 +237,8 @@ class StepBody(BaseModel):
 
 @app.exception_handler(EnvServerError)
 async def _api_error(request: Request, exc: EnvServerError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -252,8 +271,8 @@ class SessionRouter(RequestRouter):
     new sessions and unknown ids go to any replica (which answers 410 for a lost session).
 
     New sessions rotate over the replicas: Serve picks the shortest queue and breaks ties by list
-    order, so without rotation sequential clients would fill one replica's session cap (429)
-    while the others stay empty."""
+    order (or prefers the one whose queue length it has cached), so without rotation sequential
+    clients would fill one replica's session cap (429) while the others stay empty."""
 
     _turn = 0
 
@@ -267,7 +286,10 @@ class SessionRouter(RequestRouter):
         if not candidate_replicas:
             return [candidate_replicas]
         self._turn = (self._turn + 1) % len(candidate_replicas)
-        return [candidate_replicas[self._turn:] + candidate_replicas[: self._turn]]
+        turn = candidate_replicas[self._turn:] + candidate_replicas[: self._turn]
+        # The turn's replica alone in the first rank: within a rank Serve prefers replicas whose
+        # queue length it has cached, which sent every new session to one replica on CI.
+        return [turn[:1], turn[1:]]
 
 
 @serve.deployment(max_ongoing_requests=256,
@@ -277,12 +299,15 @@ class EnvServer:
     """Serve deployment hosting environment sessions (see module docstring)."""
 
     def __init__(self, envs: Dict[str, Union[EnvSpec, Dict[str, Any]]], max_sessions: int = 64,
-                 idle_timeout_s: float = 600.0, reap_every_s: float = 5.0) -> None:
+                 idle_timeout_s: float = 600.0, reap_every_s: float = 5.0, api_key_env: Optional[str] = None,
+                 api_key_file: Optional[str] = None, retry_after_s: float = 5.0) -> None:
+        # Read here, in the replica: the key never travels in the app's arguments (serve.auth).
+        _Auth.key = resolve_api_key(api_key_env, api_key_file)
         try:
             tag = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 — outside Serve (direct construction): a random tag
             tag = None
-        self.manager = SessionManager(envs, max_sessions, idle_timeout_s, tag)
+        self.manager = SessionManager(envs, max_sessions, idle_timeout_s, tag, retry_after_s)
         # One thread per possible session, so every session can step at the same time.
         self.pool = ThreadPoolExecutor(max_workers=max_sessions + 4, thread_name_prefix="env")
         self._stop = threading.Event()
@@ -315,6 +340,11 @@ class EnvServer:
         return await self._run(self.manager.close, session_id)
 
     # HTTP routes.
+    @app.get("/health")
+    async def http_health(self) -> Dict[str, Any]:
+        """Liveness without a key (probes); the rest of the API needs it when one is set."""
+        return {"status": "ok", "sessions": len(self.manager.sessions)}
+
     @app.get("/envs")
     async def http_envs(self) -> Dict[str, Any]:
         return await self.list_envs()
@@ -341,22 +371,24 @@ class EnvServer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def build_env_app(envs: EnvsConfig):
-    """The env server application from the ``envs`` config section."""
+def build_env_app(envs: EnvsConfig, serve_cfg: Optional[ServeConfig] = None):
+    """The env server application from the ``envs`` config section (``serve_cfg``: its API key
+    settings, ``api_key_env`` / ``api_key_file``)."""
     srv = envs.server
     opts = placement(srv.num_replicas, srv.autoscaling, srv.max_ongoing_requests, srv.num_cpus)
     specs = {name: spec for name, spec in envs.tasks.items() if spec.enabled}
-    return EnvServer.options(**opts).bind(specs, srv.max_sessions, srv.idle_timeout_s)
+    auth = ({"api_key_env": serve_cfg.api_key_env, "api_key_file": serve_cfg.api_key_file,
+             "retry_after_s": serve_cfg.retry_after_s} if serve_cfg else {})
+    return EnvServer.options(**opts).bind(specs, srv.max_sessions, srv.idle_timeout_s, **auth)
 
 
 def main(cfg) -> None:
     """``agenttuning envs CONFIG``: serve the environments until stopped."""
-    from agenttuning.cluster import ray_session
 
-    envs = to_object(cfg.envs)
+    envs, s = to_object(cfg.envs), to_object(cfg.serve)
     with ray_session():
-        serve_until_stopped(to_object(cfg.serve), [(build_env_app(envs), "envs", envs.server.route_prefix,
-                                                    f"environments {sorted(envs.tasks)} (GET /envs)")])
+        serve_until_stopped(s, [(build_env_app(envs, s), "envs", envs.server.route_prefix,
+                                 f"environments {sorted(envs.tasks)} (GET /envs)")])
 
 
 if __name__ == "__main__":

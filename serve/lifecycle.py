@@ -15,16 +15,26 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from agenttuning.cluster import init_ray
 from agenttuning.schema import AutoscalingSection, ServeConfig
+from serve.auth import describe_key_config
 
 log = logging.getLogger(__name__)
 
 
 def placement(num_replicas: int = 1, autoscaling: Optional[AutoscalingSection] = None,
-              max_ongoing_requests: int = 64, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Dict[str, Any]:
-    """``Deployment.options`` kwargs: a fixed replica count, or autoscaling when max > min."""
+              max_ongoing_requests: int = 64, num_cpus: float = 1.0, num_gpus: float = 0.0,
+              max_queued_requests: int = -1, retry_after_s: float = 5.0) -> Dict[str, Any]:
+    """``Deployment.options`` kwargs: a fixed replica count, or autoscaling when max > min; with
+    ``max_queued_requests`` >= 0 a bounded queue whose overflow gets 429 with ``Retry-After``
+    (what OpenAI clients back off on) instead of waiting without limit."""
+    from ray.serve.config import BackpressureConfig
+
     opts: Dict[str, Any] = {"max_ongoing_requests": max_ongoing_requests,
                             "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    if max_queued_requests >= 0:
+        opts["max_queued_requests"] = max_queued_requests
+        opts["backpressure_config"] = BackpressureConfig(status_code=429, retry_after_s=retry_after_s)
     a = autoscaling
     if a is not None and a.max_replicas > a.min_replicas:
         opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -40,10 +50,16 @@ def start_serve(s: ServeConfig) -> None:
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, configure_logging=False)
+        init_ray(os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, configure_logging=False)
     if s.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("Serve binds %s:%d, reachable from the network: anyone who can reach it can use the "
-                    "models and run actions in the environments", s.host, s.port)
+        source = describe_key_config(s.api_key_env, s.api_key_file)
+        if source:
+            log.warning("Serve binds %s:%d, reachable from the network; HTTP requests to the model, EFT and "
+                        "environment servers need the API key from %s (Authorization: Bearer)", s.host, s.port, source)
+        else:
+            log.warning("Serve binds %s:%d, reachable from the network, and no API key is set: anyone who can reach "
+                        "it can use the models and run actions in the environments (set serve.api_key_env or "
+                        "serve.api_key_file)", s.host, s.port)
     serve.start(http_options={"host": s.host, "port": s.port})
 
 
@@ -61,8 +77,8 @@ def serve_until_stopped(s: ServeConfig, apps: Sequence[Tuple[Any, str, str, str]
     urls, deployed = [], []
     try:
         for app, name, prefix, what in apps:
+            deployed.append(name)  # before run: a stop while it deploys must delete it too
             serve.run(app, name=name, route_prefix=prefix)
-            deployed.append(name)
             urls.append(url(s, prefix))
             print(f"serving {what} at {urls[-1]} (app '{name}')", flush=True)
         if not blocking:
@@ -71,7 +87,7 @@ def serve_until_stopped(s: ServeConfig, apps: Sequence[Tuple[Any, str, str, str]
         while True:
             time.sleep(3600)
     finally:
-        if blocking or len(deployed) < len(apps):
+        if blocking or len(urls) < len(apps):
             for name in deployed:
                 try:
                     serve.delete(name)

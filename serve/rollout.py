@@ -30,7 +30,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ray import serve
 
+from agenttuning.chat import load_tokenizer, prompt_ids
 from agenttuning.schema import EvalTaskConfig, PolicyConfig
+from serve.envs import Status, load
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ class PolicySpec:
     """A policy as the rollout deployment runs it: its config plus what the job resolved for it."""
 
     config: PolicyConfig
-    app_name: Optional[str] = None  # kind=model: the Serve app of its model server
+    app_name: Optional[str] = None  # kind=model/eft: the Serve app of its model server
+    deployment: str = "LLMServer"  # that app's ingress deployment (EFTServer for kind=eft)
     system_prompt: Optional[str] = None  # kind=model: part of every prompt (counted for the context)
     chat_template: str = "llama2"  # how `config.tokenizer` renders a conversation when counting tokens
 
@@ -96,13 +99,11 @@ class ChatPolicy:
         self.model_name = self.cfg.model or ""
         self._tok = None
         if self.cfg.tokenizer and self.cfg.context_limit is not None:  # only needed to count tokens
-            from agenttuning.chat import load_tokenizer
 
             self._tok = load_tokenizer(self.cfg.tokenizer, spec.chat_template)
 
     def count(self, messages: List[Dict[str, Any]]) -> int:
         if self._tok is not None:
-            from agenttuning.chat import prompt_ids
 
             return len(prompt_ids(self._tok, messages, self.spec.system_prompt)) + self.cfg.max_tokens
         return sum(_approx_tokens(m["content"]) + 4 for m in messages) + self.cfg.max_tokens
@@ -135,7 +136,6 @@ class ChatPolicy:
     def estimate_usage(self, messages: List[Dict[str, Any]], text: str) -> Dict[str, int]:
         """Prompt/completion tokens with the policy's tokenizer if it has one, else ~4 chars/token."""
         if self._tok is not None:
-            from agenttuning.chat import prompt_ids
 
             prompt = len(prompt_ids(self._tok, messages, self.spec.system_prompt))
             completion = len(self._tok(text, add_special_tokens=False)["input_ids"])
@@ -160,7 +160,7 @@ class DeploymentPolicy(ChatPolicy):
 
     def __init__(self, spec: PolicySpec):
         super().__init__(spec)
-        self.handle = serve.get_deployment_handle("LLMServer", app_name=spec.app_name)
+        self.handle = serve.get_deployment_handle(spec.deployment, app_name=spec.app_name)
 
     async def _complete(self, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
         return (await self._complete_usage(messages, max_tokens))[0]
@@ -260,7 +260,8 @@ class ExpertPolicy:
 
 def make_policy(spec: PolicySpec):
     """The policy object for ``spec.config.kind`` (model | openai | expert)."""
-    return {"expert": ExpertPolicy, "openai": OpenAIPolicy, "model": DeploymentPolicy}[str(spec.config.kind)](spec)
+    kinds = {"expert": ExpertPolicy, "openai": OpenAIPolicy, "model": DeploymentPolicy, "eft": DeploymentPolicy}
+    return kinds[str(spec.config.kind)](spec)
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -289,7 +290,6 @@ async def play(env: Any, task_id: str, policy: Any,
     Environment calls block (SQL, shell), so they run in a worker thread; statuses, never
     exceptions, report what went wrong inside the episode.
     """
-    from serve.envs import Status
 
     t0 = time.time()
     opening = await asyncio.to_thread(env.reset, task_id)
@@ -344,7 +344,6 @@ class RolloutServer:
         if task not in self.task_cfgs:
             raise KeyError(f"unknown task {task!r}; configured: {sorted(self.task_cfgs)}")
         if task not in self._envs:
-            from serve.envs import load
 
             t = self.task_cfgs[task]
             self._envs[task] = load(t.env, t.path, **dict(t.options))
@@ -375,6 +374,11 @@ class RolloutServer:
         rec = await play(env, task_id, self._policy(policy), demo)
         rec.update({"id": f"{task}_{task_id}", "task": task, "env": self.task_cfgs[task].env, "policy": policy})
         return rec
+
+    async def score(self, task: str, episodes: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The paper's score of ``task`` from finished episode records (``Env.paper_score``)."""
+        env = await asyncio.to_thread(self._env, task)
+        return {"metric": env.metric, **env.paper_score(episodes)}
 
     async def chat(self, policy: str, messages: List[Dict[str, Any]], max_tokens: Optional[int] = None) -> str:
         """One reply of a chat policy (general tasks use the same policies as episodes)."""

@@ -215,3 +215,65 @@ def test_data_then_training_job_on_two_nodes(two_nodes, tiny_model_dir, tmp_path
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["eta_target"] == 0.2 and manifest["num_rows"] >= 4
     _check_spread(two_nodes, tmp_path / "train" / "tiny-cpu")
+
+
+def _kill_node(cluster: LocalCluster, i: int) -> None:
+    """SIGKILL node i's whole process tree (raylet, workers): the node is gone, as a lost VM."""
+    root = psutil.Process(cluster.procs[i].pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _steps(path: pathlib.Path) -> Dict[int, List[int]]:
+    """step -> rows of the step's last record (a replayed step overwrites the one lost with the node)."""
+    out: Dict[int, List[int]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["rows"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_second_node_lost_mid_training_resumes_with_the_same_data_order(tiny_model_dir, tmp_path):
+    """Kill the second node after a checkpoint: Ray Train restarts the workers on the node that is
+    left, from the newest complete checkpoint, and every step sees the rows of an uninterrupted run."""
+    from agenttuning.chat import load_tokenizer, tokenizer_fingerprint
+
+    sys.path.insert(0, str(REPO / "tests" / "pipelines"))
+    from train_data import write_packed_data
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    data_dir = write_packed_data(str(tmp_path / "data"), tok, tokenizer_fingerprint(tok), num_rows=32, max_seq_len=64)
+    common = ["train.max_steps=8", "train.save_every=2", "train.record_samples=true", "train.max_failures=-1",
+              "scaling.placement_strategy=SPREAD"]
+
+    def cmd(out):
+        return [a for a in _train_cmd(tiny_model_dir, data_dir, out) if not a.startswith(
+            ("train.max_steps=", "train.save_every=", "scaling.placement_strategy="))] + common
+
+    cluster = LocalCluster(num_nodes=2, cpus_per_node=4).start()
+    try:
+        _submit(cluster, cmd(tmp_path / "reference"))
+        reference = _steps(tmp_path / "reference" / "tiny-cpu" / "samples.jsonl")
+        run = tmp_path / "killed" / "tiny-cpu"
+        entry = ["bash", "-c", shlex.join(cmd(tmp_path / "killed"))]
+        job = subprocess.Popen(["ray", "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+                                "--runtime-env", "cluster/runtime_env.yaml", "--", *entry],
+                               cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 900
+        while time.time() < deadline and not (run / "checkpoint_000004" / "trainer_state.json").exists():
+            time.sleep(1)
+        _kill_node(cluster, 1)
+        out, _ = job.communicate(timeout=1200)
+        assert job.returncode == 0, out[-4000:]
+        assert (run / "checkpoint_000008" / "model.safetensors").is_file()
+        assert _steps(run / "samples.jsonl") == reference  # steps 1..8, each with the same rows
+        assert json.loads((run / "workers.json").read_text())["start_step"] >= 4  # resumed, not restarted
+    finally:
+        cluster.stop()

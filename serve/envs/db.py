@@ -32,11 +32,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import re
+import threading
 from typing import Any, Dict, List, Optional
 
+from agenttuning.jsonl import iter_jsonl
 from serve.envs import db_backends
 from serve.envs.base import Env, EnvError, Status, StepResult, Task, data_file, register
+from serve.envs.db_sqlite import SQLiteBackend
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ class DBEnv(Env):
         options.setdefault("repetition_k", 0)  # AgentBench's DBBench has no repetition rule
         super().__init__(path, **options)
         self.statement_timeout = float(statement_timeout)
-        self.backend = db_backends.get_backend(backend, statement_timeout)
+        self.backend = get_backend(backend, statement_timeout)
         self.edb: Any = None  # the running episode's database
 
     # ------------------------------------------------------------------ tasks
@@ -126,20 +130,12 @@ class DBEnv(Env):
     def load_tasks(self, path: Optional[str]) -> List[Task]:
         path = path or data_file("agentbench/dbbench_dev.jsonl")
         tasks: List[Task] = []
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
-        except OSError as exc:
-            raise EnvError(f"db: cannot read task file {path}: {exc}") from None
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
+        if not os.path.isfile(path):
+            raise EnvError(f"db: task file {path} does not exist")
+        # A bad line is a skipped task (with the reason), so the other records keep AgentBench's ids.
+        for lineno, rec, problem in iter_jsonl(path, on_error="keep", objects=False):
             tid = str(len(tasks))  # AgentBench's index: the record's position in the file
-            try:
-                rec = json.loads(line)
-                problem = self._check_record(rec)
-            except json.JSONDecodeError as exc:
-                problem = f"line {i + 1} is not JSON: {exc}"
+            problem = f"line {lineno}: {problem}" if problem else self._check_record(rec)
             if problem:
                 self.skip(tid, problem)
                 tasks.append(Task(tid, None, self.split_name))
@@ -176,7 +172,7 @@ class DBEnv(Env):
     def start(self, task: Task) -> List[Dict[str, Any]]:
         rec = task.data
         raw = [str(c["name"]) for c in rec["table"]["table_info"]["columns"]]
-        cols = _column_names(raw)
+        cols = column_names(raw)
         self.edb = self.backend.open(rec["table"]["table_name"], cols, rec["table"]["table_info"].get("rows", []),
                                      self.statement_timeout)
         add = rec.get("add_description") if cols == raw else None
@@ -269,10 +265,10 @@ class DBEnv(Env):
         return _one_line(query)
 
     def shutdown(self) -> None:
-        db_backends.shutdown_backends()
+        shutdown_backends()
 
 
-def _column_names(names: List[str]) -> List[str]:
+def column_names(names: List[str]) -> List[str]:
     """Names MySQL accepts: no empty or space-padded names (one dev record has a '' column,
     which MySQL rejects), no case-insensitive duplicates."""
     out: List[str] = []
@@ -285,7 +281,52 @@ def _column_names(names: List[str]) -> List[str]:
     return out
 
 
+def record_problem(rec: Any) -> Optional[str]:
+    """Why a DBBench record cannot run (None when it can): the check the loader skips records by,
+    public for task derivation (pipelines.derive) to validate new records the same way."""
+    return DBEnv._check_record(rec)
+
+
 def _task_type(rec: Dict[str, Any]) -> str:
     t = rec.get("type")
     t = t[0] if isinstance(t, list) and t else t
     return str(t or "SELECT").upper()
+
+
+# ----------------------------------------------------------------------------- the process-wide backend
+
+_shared_lock = threading.Lock()
+_shared: dict = {}
+
+
+def get_backend(kind: str = "auto", statement_timeout: float = 5.0):
+    """A process-wide backend: "mariadb", "sqlite", or "auto" (MariaDB if installed)."""
+    if kind not in ("auto", "mariadb", "sqlite"):
+        raise ValueError(f"db backend must be auto, mariadb or sqlite; got {kind!r}")
+    with _shared_lock:
+        if kind in ("auto", "mariadb"):
+            b = _shared.get("mariadb")
+            if b is not None and b.server.alive():
+                return b
+            try:
+                b = _shared["mariadb"] = db_backends.MariaDBBackend(statement_timeout)
+                return b
+            except db_backends.BackendError as exc:
+                if kind == "mariadb":
+                    raise
+                log.warning("MariaDB unavailable (%s); using the SQLite fallback", exc)
+        return _shared.setdefault("sqlite", SQLiteBackend(statement_timeout))
+
+
+def backend_running(kind: str = "mariadb") -> bool:
+    """Whether this process already holds a backend of ``kind`` (e.g. a MariaDB server it started)."""
+    with _shared_lock:
+        return kind in _shared
+
+
+def shutdown_backends() -> None:
+    """Stop the process-wide MariaDB server, if one was started."""
+    with _shared_lock:
+        b = _shared.pop("mariadb", None)
+    if b is not None:
+        b.shutdown()

@@ -457,38 +457,3 @@ class MariaDBEpisode:
                 self.backend.admin(sql, (self.user,) if "%s" in sql else None)
             except Exception as exc:  # noqa: BLE001 — logged; the server is dropped at exit anyway
                 log.warning("db cleanup %s: %s", self.db, exc)
-
-
-# ============================================================================ choice
-
-_shared_lock = threading.Lock()
-_shared: dict = {}
-
-
-def get_backend(kind: str = "auto", statement_timeout: float = 5.0):
-    """A process-wide backend: "mariadb", "sqlite", or "auto" (MariaDB if installed)."""
-    if kind not in ("auto", "mariadb", "sqlite"):
-        raise ValueError(f"db backend must be auto, mariadb or sqlite; got {kind!r}")
-    with _shared_lock:
-        if kind in ("auto", "mariadb"):
-            b = _shared.get("mariadb")
-            if b is not None and b.server.alive():
-                return b
-            try:
-                b = _shared["mariadb"] = MariaDBBackend(statement_timeout)
-                return b
-            except BackendError as exc:
-                if kind == "mariadb":
-                    raise
-                log.warning("MariaDB unavailable (%s); using the SQLite fallback", exc)
-        from serve.envs.db_sqlite import SQLiteBackend
-
-        return _shared.setdefault("sqlite", SQLiteBackend(statement_timeout))
-
-
-def shutdown_backends() -> None:
-    """Stop the process-wide MariaDB server, if one was started."""
-    with _shared_lock:
-        b = _shared.pop("mariadb", None)
-    if b is not None:
-        b.shutdown()

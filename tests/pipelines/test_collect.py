@@ -11,9 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from pipelines.collect import has_thoughts, main, task_start
 from agenttuning.config import ConfigError, load_config
+from pipelines.collect import has_thoughts, main, task_start
 from pipelines.derive import derive_db, norm_question
+from serve.envs import db, db_backends
 
 DEV = "agentbench/dbbench_dev.jsonl"
 
@@ -78,10 +79,8 @@ def test_derive_db_executed_gold_answers(bench_data, tmp_path):
 
 def test_derive_db_on_mariadb_replays_on_mariadb(bench_data, tmp_path):
     """Fidelity backend: gold hashes computed by the MariaDB server itself, replayed there."""
-    from serve.envs import db_backends
-
     try:
-        db_backends.get_backend("mariadb")
+        db.get_backend("mariadb")
     except db_backends.BackendError as exc:
         pytest.skip(f"no MariaDB: {exc}")
     src = _write_jsonl(tmp_path / "seed.jsonl", _records(bench_data, [18, 25, 45]))
@@ -175,8 +174,8 @@ def test_offline_collection_yields_agentinstruct(offline, tiny_model_dir, capsys
 
 def test_data_job_accepts_output_and_demo_has_no_loss(offline, tiny_model_dir):
     from agenttuning.chat import IGNORE_INDEX, encode_chat, load_tokenizer
-    from pipelines.data import tokenize_batch
     from agenttuning.sources import to_messages
+    from pipelines.data import tokenize_batch
 
     _, res, _ = offline
     rows = []

@@ -94,7 +94,7 @@ def test_thirty_steps_zero3_stop_resume_loss_decreases_checkpoint_loads(ray_loca
     rows_per_epoch = manifest["num_rows"] // 4 * 4
     common = ["train.zero_stage=3", "train.max_steps=30", "train.save_every=15", "train.log_every=1",
               "train.record_samples=true"]
-    _run(ray_local, _cfg(tiny_model_dir, data_dir, tmp_path, *common, "train.stop_after_steps=15"))
+    _run(ray_local, _cfg(tiny_model_dir, data_dir, tmp_path, *common, "train.stop_after_steps=15", "wandb.mode=offline"))
     result = _run(ray_local, _cfg(tiny_model_dir, data_dir, tmp_path, *common, "wandb.mode=offline"))
     run = tmp_path / "tiny-cpu"
     # Data: every step exactly once over both invocations, the first 16 steps cover each row once.
@@ -109,12 +109,29 @@ def test_thirty_steps_zero3_stop_resume_loss_decreases_checkpoint_loads(ray_loca
     assert sum(loss[s] for s in (28, 29, 30)) / 3 < loss[1] - 0.3, loss
     assert set(result.metrics) >= {"loss", "loss_agent", "loss_general", "lr", "grad_norm", "tokens_per_s",
                                    "supervised_tokens_per_s", "peak_mem_gb"}
-    assert any(p.name.startswith("offline-run") for p in (run / "wandb").iterdir())
+    # The resubmitted job continued the same wandb run: both invocations logged under one stable id.
+    offline = sorted(p.name for p in (run / "wandb").iterdir() if p.name.startswith("offline-run"))
+    assert len(offline) == 2 and len({name.rsplit("-", 1)[1] for name in offline}) == 1, offline
     ckpt = result.checkpoint.path
     assert os.path.basename(ckpt) == "checkpoint_000030"
     state = json.loads((pathlib.Path(ckpt) / "trainer_state.json").read_text())
     assert state["step"] == 30 and state["rows_consumed"] == 120 and state["epoch"] == 29 // per_epoch
     _check_loadable(ckpt)
+
+
+def test_impossible_request_fails_within_seconds_naming_what_is_missing(ray_local, tiny_model_dir, data_dir, tmp_path):
+    """8 GPU workers on a 2-CPU, 0-GPU cluster: an error naming the GPUs and the keys, not a wait."""
+    import time
+
+    from agenttuning.cluster import ResourcesUnavailable
+    from pipelines import train
+
+    cfg = _cfg(tiny_model_dir, data_dir, tmp_path, "scaling.use_gpu=true", "scaling.num_workers=8",
+               "train.global_batch_size=8")
+    t0 = time.monotonic()
+    with pytest.raises(ResourcesUnavailable, match=r"GPU: needs 8, the cluster has 0.*scaling.num_workers"):
+        train.main(cfg)
+    assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_bf16_zero3_one_gpu_worker(ray_local, tiny_model_dir, data_dir, tmp_path):
+def test_bf16_zero3_one_gpu_worker(ray_local, tiny_model_dir, data_dir, tmp_path):  # noqa: F811
     result = _run(ray_local, _cfg(tiny_model_dir, data_dir, tmp_path, "scaling.use_gpu=true", "scaling.num_workers=1",
                                   "scaling.resources_per_worker={GPU: 1, CPU: 1}", "train.zero_stage=3",
                                   "train.precision=bf16", "train.max_steps=6", "train.warmup_steps=0",

@@ -125,6 +125,7 @@ def test_session_cap_gives_429(server):
             r = requests.post(f"{server}/envs/db/sessions", json={"task_id": "1"}, timeout=60)
             if r.status_code == 429:
                 refused = r.json()["error"]["reason"]
+                assert r.headers["Retry-After"] == "5"  # serve.retry_after_s: clients back off, not spin
                 break
             assert r.status_code == 200, r.text
             sids.append(r.json()["session_id"])

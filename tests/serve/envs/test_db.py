@@ -9,7 +9,7 @@ import time
 import pytest
 
 import serve.envs as envs
-from serve.envs import db_backends
+from serve.envs import db
 from serve.envs.db import answers_match, parse_answer
 
 BACKENDS = ["sqlite", pytest.param("mariadb", marks=pytest.mark.skipif(
@@ -19,7 +19,7 @@ BACKENDS = ["sqlite", pytest.param("mariadb", marks=pytest.mark.skipif(
 @pytest.fixture(scope="module", autouse=True)
 def _stop_server():
     yield
-    db_backends.shutdown_backends()  # the module owns the MariaDB server it started
+    db.shutdown_backends()  # the module owns the MariaDB server it started
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -192,7 +192,7 @@ def test_known_differences_are_real(bench_data):
     for b in ("sqlite", "mariadb"):
         if b == "mariadb" and not shutil.which("mariadbd", path="/usr/sbin:/usr/bin"):
             pytest.skip("mariadb-server not installed")
-        edb = db_backends.get_backend(b, 2.0).open("Foot ball", ["Goal", "Name", "Club"], ROWS)
+        edb = db.get_backend(b, 2.0).open("Foot ball", ["Goal", "Name", "Club"], ROWS)
         outs[b] = [edb.execute(q) for q in DIFFERENT]
         edb.close()
     for q, s, m in zip(DIFFERENT, outs["sqlite"], outs["mariadb"]):

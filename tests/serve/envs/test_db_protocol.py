@@ -9,7 +9,7 @@ import time
 import pytest
 
 import serve.envs as envs
-from serve.envs import db_backends
+from serve.envs import db
 from serve.envs.base import Status
 from serve.envs.db import answers_match, parse_answer
 from serve.envs.db_sqlite import MySQLStyleError, transpile_mysql
@@ -25,7 +25,7 @@ AMBASSADORS = "US Ambassadors and Envoy Extraordinary to Colombia"  # table of d
 @pytest.fixture(scope="module", autouse=True)
 def _stop_server():
     yield
-    db_backends.shutdown_backends()
+    db.shutdown_backends()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -124,7 +124,7 @@ DIFFERENT = [("a", "a "), ("a", "b"), ("1", "1.0")]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_text_compares_and_sorts_like_mysql8(backend):
-    edb = db_backends.get_backend(backend, 2.0).open("t", ["v", "w"], [[v, ""] for v in reversed(ORDERED)])
+    edb = db.get_backend(backend, 2.0).open("t", ["v", "w"], [[v, ""] for v in reversed(ORDERED)])
     try:
         assert edb.execute("SELECT v FROM t ORDER BY v") == str([(v,) for v in ORDERED])
         for a, b in EQUAL + DIFFERENT:
