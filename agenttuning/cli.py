@@ -14,6 +14,8 @@ import dataclasses
 import importlib
 import inspect
 import io
+import logging
+import os
 import signal
 import sys
 import tokenize
@@ -156,5 +158,10 @@ def run_job(module_name: str, argv: List[str]) -> int:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"{module_name}: stopped by {signal.Signals(signum).name}; outputs written so far are kept "
               "(re-run to resume)", file=sys.stderr)
-        return 128 + int(signum)
+        # The job's finally blocks have run (apps deleted, files closed, Ray stopped); threads still
+        # waiting on a request (model calls in flight) must not hold the exit up.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(128 + int(signum))
     return 0

@@ -24,6 +24,7 @@ from agenttuning import tracking
 from agenttuning.chat import load_tokenizer
 from agenttuning.cluster import JobFailed, ray_session
 from agenttuning.config import to_dict, to_object, with_updates
+from agenttuning.console import progress
 from agenttuning.models import ensure_model
 from agenttuning.schema import PolicyConfig
 from pipelines import eval_report as rep
@@ -163,11 +164,18 @@ def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, D
             res = score_task(t, endpoint, p, tokenizer, judges.get(t.cfg.name), cfg.eval.concurrency)
             out[name][t.cfg.name] = {**res, "wall_s": round(time.time() - t0, 2)}
             log.info("general %s / %s: %s", name, t.cfg.name, res.get("not_applicable") or f"{res['score']:.4f}")
+            bar.update(len(t.records))
 
+    n_models = sum(1 for spec in policies.values() if spec.config.kind != "expert")
     # Policies side by side: each has its own model replicas, so they decode in parallel.
-    with ThreadPoolExecutor(max_workers=max(1, len(policies))) as pool:
-        for f in [pool.submit(one_policy, n, p) for n, p in policies.items()]:
-            f.result()
+    pool = ThreadPoolExecutor(max_workers=max(1, len(policies)))
+    with progress(total=n_models * sum(len(t.records) for t in tasks), desc="general items", unit="item") as bar:
+        try:
+            for f in [pool.submit(one_policy, n, p) for n, p in policies.items()]:
+                f.result()
+        finally:
+            # Not `with`: a stop (SIGINT/SIGTERM) must not wait for requests still in flight.
+            pool.shutdown(wait=False, cancel_futures=True)
     return out
 
 

@@ -62,21 +62,21 @@ class LocalCluster:
         self.procs: List[subprocess.Popen] = []
         self.dashboard = self.gcs = ""
 
-    def _start_node(self, i: int, extra: List[str]) -> subprocess.Popen:
+    def _start_node(self, i: int, extra: List[str], name: str = "") -> subprocess.Popen:
         ports = dict(zip(NODE_PORTS, _rjs.free_ports(len(NODE_PORTS))))
         workers = _rjs.free_ports(1)[0]
-        temp = os.path.join(self.root, f"n{i}")
+        temp = os.path.join(self.root, name or f"n{i}")
         os.makedirs(temp)
         cmd = ["ray", "start", "--block", f"--num-cpus={self.cpus}", "--num-gpus=0",
                f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
                f"--min-worker-port={workers}", f"--max-worker-port={workers + 100}",
                *[f"{k}={v}" for k, v in ports.items()], *extra]
-        out = open(os.path.join(self.root, f"node{i}.log"), "w")
+        out = open(os.path.join(self.root, f"{name or f'node{i}'}.log"), "w")
         proc = subprocess.Popen(cmd, env=self.node_env, cwd=REPO, start_new_session=True, stdout=out, stderr=out)
         self.procs.append(proc)
         return proc
 
-    def start(self, timeout_s: float = 180) -> "LocalCluster":
+    def _start_head(self, timeout_s: float, attempt: int) -> None:
         head_ports = dict(zip(HEAD_PORTS, _rjs.free_ports(len(HEAD_PORTS))))
         self.gcs = f"127.0.0.1:{head_ports['--port']}"
         # Every process of the cluster (Ray Train's placement-group cleaner among them) finds it
@@ -84,8 +84,24 @@ class LocalCluster:
         self.node_env = {**self.env, "RAY_ADDRESS": self.gcs}
         self.dashboard = f"http://127.0.0.1:{head_ports['--dashboard-port']}"
         head = self._start_node(0, ["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                    *[f"{k}={v}" for k, v in head_ports.items()]])
+                                    *[f"{k}={v}" for k, v in head_ports.items()]], name=f"h{attempt}")
         _rjs._wait_http(f"{self.dashboard}/api/version", timeout_s, head)
+
+    def start(self, timeout_s: float = 180) -> "LocalCluster":
+        # Ports are picked free and bound later by Ray: another process (a test's own Serve proxy,
+        # Ray workers of the previous test) can take one in between. Then `ray start` exits 1 and
+        # a second set of ports is tried.
+        for attempt in range(3):
+            try:
+                self._start_head(timeout_s, attempt)
+                break
+            except RuntimeError as exc:
+                log_path = os.path.join(self.root, f"h{attempt}.log")
+                tail = open(log_path).read()[-2000:] if os.path.exists(log_path) else ""
+                if attempt == 2:
+                    raise RuntimeError(f"{exc}; head log:\n{tail}") from exc
+                self.stop()
+                self.procs.clear()
         for i in range(1, self.num_nodes):
             self._start_node(i, [f"--address={self.gcs}"])
         deadline = time.time() + timeout_s
