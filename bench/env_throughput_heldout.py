@@ -38,7 +38,7 @@ def specs_for(concurrency: int) -> Dict[str, Dict[str, dict]]:
 
 
 def measure(name: str, spec: Dict[str, dict], episodes: int, concurrency: int,
-            replicas: int = 2) -> Dict[str, float]:
+            replicas: int = 2, http_c1: bool = False) -> Dict[str, float]:
     """Serial in-process episodes/s, then over HTTP at ``concurrency`` on a fresh env server
     with ``replicas`` replicas (ALFWorld's engine is GIL-bound: processes, not threads, scale it)."""
     from ray import serve
@@ -58,12 +58,18 @@ def measure(name: str, spec: Dict[str, dict], episodes: int, concurrency: int,
         base = f"http://127.0.0.1:{port}"
         over_http(base, jobs[:concurrency], concurrency)  # warm-up: start every pooled backend
         http_eps = over_http(base, jobs, concurrency)
+        # The same server one episode at a time: concurrency's own gain, HTTP cost on both sides.
+        c1_eps = over_http(base, jobs, 1) if http_c1 else None
     finally:
         serve.shutdown()
     print(f"{name}: serial in-process {base_eps:.2f} episodes/s, env server ({replicas} replicas) c{concurrency} "
           f"{http_eps:.2f} episodes/s ({http_eps / base_eps:.2f}x serial; {len(jobs)} episodes)")
-    return {"serial_eps": base_eps, "http_eps": http_eps, "speedup": http_eps / base_eps,
-            "episodes": len(jobs), "replicas": replicas}
+    out = {"serial_eps": base_eps, "http_eps": http_eps, "speedup": http_eps / base_eps,
+           "episodes": len(jobs), "replicas": replicas}
+    if c1_eps:
+        out.update(http_c1_eps=c1_eps, speedup_vs_http_c1=http_eps / c1_eps)
+        print(f"{name}: env server c1 {c1_eps:.2f} episodes/s; c{concurrency} / c1 = {http_eps / c1_eps:.2f}x")
+    return out
 
 
 def heldout_speedups(alfworld_episodes: int, miniwob_episodes: int, concurrency: int = 8,
