@@ -80,6 +80,7 @@ def bench_eval(model: str, db_limit: int, out_dir: str) -> Dict[str, float]:
     from ray import serve
 
     from agenttuning.config import load_config
+    from agenttuning.paths import data_file
     from pipelines.evaluate import main as evaluate
     from serve.openai_api import free_port
 
@@ -95,8 +96,7 @@ def bench_eval(model: str, db_limit: int, out_dir: str) -> Dict[str, float]:
                    "eval": {"output_dir": os.path.join(out_dir, f"c{conc}"), "concurrency": conc, "plot": False,
                             "deploy": i == 0, "teardown": False, "resume": False,
                             "tasks": [{"name": "db", "env": "db", "limit": db_limit,
-                                       "path": os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..",
-                                                                            "shared/data/agentbench/dbbench_dev.jsonl"))}],
+                                       "path": data_file("agentbench/dbbench_dev.jsonl")}],
                             "policies": {"tiny": {"kind": "model", "max_tokens": 48}}}}
             path = os.path.join(out_dir, f"c{conc}.yaml")
             with open(path, "w") as f:
