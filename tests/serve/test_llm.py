@@ -11,15 +11,7 @@ import openai
 import pytest
 
 from agenttuning.chat import prompt_ids
-from serve.llm import HFBackend
 from serve.openai_api import SamplingParams, ServerSettings, StopStringDetokenizer, build_openai_app, run_local_server
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    b = HFBackend(str(tiny_model_dir), model_id="tiny", max_batch_size=8, torch_threads=1)
-    yield b
-    b.engine.close()
 
 
 @pytest.fixture(scope="module")

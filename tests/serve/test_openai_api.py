@@ -16,18 +16,10 @@ import torch
 
 from agenttuning.chat import prompt_ids
 from serve.auth import AuthConfigError, describe_key_config, resolve_api_key
-from serve.llm import HFBackend
 from serve.openai_api import SamplingParams, ServerSettings, build_openai_app, run_local_server
 
 MSGS = [{"role": "user", "content": "list the files"}]
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    b = HFBackend(str(tiny_model_dir), model_id="tiny", max_batch_size=8, torch_threads=1)
-    yield b
-    b.engine.close()
 
 
 @pytest.fixture(scope="module")
