@@ -373,13 +373,13 @@ class EnvServer:
 
 def build_env_app(envs: EnvsConfig, serve_cfg: Optional[ServeConfig] = None):
     """The env server application from the ``envs`` config section (``serve_cfg``: its API key
-    settings, ``api_key_env`` / ``api_key_file``)."""
+    settings, ``api_key_env`` / ``api_key_file``, and the 429's ``retry_after_s``)."""
     srv = envs.server
     opts = placement(srv.num_replicas, srv.autoscaling, srv.max_ongoing_requests, srv.num_cpus)
     specs = {name: spec for name, spec in envs.tasks.items() if spec.enabled}
-    auth = ({"api_key_env": serve_cfg.api_key_env, "api_key_file": serve_cfg.api_key_file,
+    from_serve = ({"api_key_env": serve_cfg.api_key_env, "api_key_file": serve_cfg.api_key_file,
              "retry_after_s": serve_cfg.retry_after_s} if serve_cfg else {})
-    return EnvServer.options(**opts).bind(specs, srv.max_sessions, srv.idle_timeout_s, **auth)
+    return EnvServer.options(**opts).bind(specs, srv.max_sessions, srv.idle_timeout_s, **from_serve)
 
 
 def main(cfg) -> None:
