@@ -54,8 +54,8 @@ Use it in a Ray Serve deployment through the late-bound ingress::
     class MyServer(OpenAIDeployment):
         def __init__(self, ...): self.backend = MyBackend(...); self.chat_api = OpenAIChat(self.backend)
 
-or without Ray (tests, debugging) with :func:`run_local_server`. :func:`complete` and
-:func:`complete_text` are the same request paths as plain Python calls (Serve handles).
+or without Ray (tests, debugging) with :func:`run_local_server`. :func:`answer` is the same
+request path as a plain Python call (Serve handles).
 """
 
 import contextlib
@@ -63,7 +63,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterator, Optional
 
 from pydantic import ValidationError
 
@@ -88,22 +88,11 @@ from serve.openai_text import StopStringDetokenizer  # noqa: F401 - re-exported
 log = logging.getLogger(__name__)
 
 
-async def complete(chat: OpenAIChat, body: Dict[str, Any]) -> Dict[str, Any]:
-    """Non-streaming chat completion from a plain request dict (Serve handles); errors as bodies."""
+async def answer(request_type: type, respond: Callable[[Any], Awaitable[Any]], body: Dict[str, Any]) -> Dict[str, Any]:
+    """A plain request dict validated as `request_type` and answered by `respond` (e.g.
+    ``(ChatCompletionRequest, chat.complete)``), non-streaming, for Serve handles; errors as bodies."""
     try:
-        req = ChatCompletionRequest.model_validate(body)
-        return (await chat.complete(req)).model_dump()
-    except ValidationError as exc:
-        return APIError(400, _validation_message(exc.errors())).body()
-    except APIError as exc:
-        return exc.body()
-
-
-async def complete_text(chat: OpenAIChat, body: Dict[str, Any]) -> Dict[str, Any]:
-    """Non-streaming legacy completion from a plain request dict; errors as bodies."""
-    try:
-        req = CompletionRequest.model_validate(body)
-        return (await chat.completion(req)).model_dump()
+        return (await respond(request_type.model_validate(body))).model_dump()
     except ValidationError as exc:
         return APIError(400, _validation_message(exc.errors())).body()
     except APIError as exc:
@@ -204,11 +193,11 @@ class OpenAIDeployment:
 
     async def chat(self, body: Dict[str, Any]) -> Dict[str, Any]:
         """A chat completion request dict → response dict (or an OpenAI error body)."""
-        return await complete(self.chat_api, body)
+        return await answer(ChatCompletionRequest, self.chat_api.complete, body)
 
     async def completions(self, body: Dict[str, Any]) -> Dict[str, Any]:
         """A legacy completion request dict → response dict (or an OpenAI error body)."""
-        return await complete_text(self.chat_api, body)
+        return await answer(CompletionRequest, self.chat_api.completion, body)
 
     def model_id(self) -> str:
         return self.backend.model_id

@@ -154,11 +154,26 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class ChatCompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """The envelope every OpenAI response shares; subclasses fix ``object`` and the choice type
+    (an overridden field keeps its place, so the JSON reads id, object, created, model, ...)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
+    usage: Optional[Usage] = None  # streams send it last, if asked
+
+
+class _PartialChoice(BaseModel):
+    """A choice of a stream chunk or of a legacy completion: unfinished ones carry no finish_reason."""
+
+    index: int = 0
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: List[Choice]
     usage: Usage
 
@@ -168,20 +183,14 @@ class Delta(BaseModel):
     content: Optional[str] = None
 
 
-class ChunkChoice(BaseModel):
-    index: int = 0
+class ChunkChoice(_PartialChoice):
     delta: Delta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: List[ChunkChoice]
-    usage: Optional[Usage] = None
 
 
 # ----------------------------------------------------------------------------- legacy completions
@@ -215,20 +224,14 @@ class CompletionLogprobs(BaseModel):
     text_offset: List[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
+class CompletionChoice(_PartialChoice):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: List[CompletionChoice]
-    usage: Optional[Usage] = None
 
 
 # ----------------------------------------------------------------------------- models

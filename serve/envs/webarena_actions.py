@@ -131,26 +131,24 @@ def parse_reply(reply: str, url_to_local: Optional[Mapping[str, str]] = None) ->
         return Action("none", raw=reply)
 
 
+# action2str's wording per kind ({line}: the element's line of the observation); a kind not listed
+# (none, new_tab, close_tab, go_back, go_forward) is written as its name.
+_ACTION_WORDING = {
+    "click": "click [{a.element_id}] where [{a.element_id}] is {line}",
+    "type": "type [{a.element_id}] [{a.text}] where [{a.element_id}] is {line}",
+    "hover": "hover [{a.element_id}] where [{a.element_id}] is {line}",
+    "scroll": "scroll [{a.direction}]",
+    "press": "press [{a.text}]",
+    "goto": "goto [{a.text}]",
+    "tab_focus": "page_focus [{a.tab}]",  # WebArena's wording for this action
+    "stop": "stop [{a.text}]",
+}
+
+
 def action_to_str(action: Action, element_line: str = "") -> str:
     """``action2str`` for the id-based action set (``where [id] is <element line>`` for element actions)."""
-    k = action.kind
-    if k == "click":
-        return f"click [{action.element_id}] where [{action.element_id}] is {element_line}"
-    if k == "type":
-        return f"type [{action.element_id}] [{action.text}] where [{action.element_id}] is {element_line}"
-    if k == "hover":
-        return f"hover [{action.element_id}] where [{action.element_id}] is {element_line}"
-    if k == "scroll":
-        return f"scroll [{action.direction}]"
-    if k == "press":
-        return f"press [{action.text}]"
-    if k == "goto":
-        return f"goto [{action.text}]"
-    if k == "tab_focus":
-        return f"page_focus [{action.tab}]"  # WebArena's wording for this action
-    if k == "stop":
-        return f"stop [{action.text}]"
-    return k  # none, new_tab, close_tab, go_back, go_forward
+    wording = _ACTION_WORDING.get(action.kind)
+    return wording.format(a=action, line=element_line) if wording else action.kind
 
 
 def describe(action: Action, nodes: Mapping[str, Dict[str, Any]]) -> str:
