@@ -58,17 +58,21 @@ def packed_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Di
     Attention stays inside each packed sample: we pass position_ids with attention_mask=None and no
     cache, and transformers (>= 4.56 masking_utils) derives a block-diagonal causal mask from the
     restarts (sdpa/eager) or cu_seqlens (flash-attention varlen). Verified by the packed-vs-separate test.
+    Logits are computed only where some row has a target (``logits_to_keep``): with loss on assistant
+    turns only, most positions have none, and the [B, T, V] logits are the largest activation.
     Returns sum_ce (scalar), n_sup (scalar), and per-group sums/counts [len(GROUPS)].
     """
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     targets = shifted_targets(batch["labels"], batch["position_ids"])  # [B, T]
-    ce = token_losses(out.logits, targets)  # [B, T]
     sup = targets != IGNORE
+    keep = sup.any(dim=0).nonzero()[:, 0]  # [K] positions with a target in some row
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                logits_to_keep=keep)
+    ce = token_losses(out.logits, targets[:, keep])  # [B, K]
     res = {"sum_ce": ce.sum(), "n_sup": sup.sum()}
     if "group_ids" in batch:
         # The group of a target token is the group of the token it predicts.
         gid = torch.cat([batch["group_ids"][:, 1:], torch.full_like(batch["group_ids"][:, :1], -1)], dim=1)
-        res["group_ce"] = torch.stack([(ce * (gid == g)).sum() for g in range(len(GROUPS))]).detach()
+        res["group_ce"] = torch.stack([(ce * (gid[:, keep] == g)).sum() for g in range(len(GROUPS))]).detach()
         res["group_n"] = torch.stack([((gid == g) & sup).sum() for g in range(len(GROUPS))])
     return res
 

@@ -7,7 +7,10 @@ Backends (``serve.backend``):
   leave it at once, so a long answer never holds a short one back. ``max_batch_size: 1`` turns
   batching off (one request at a time), which the throughput benchmark uses as its baseline.
   Log-probs come from the same passes: per generated token from its row of logits, per prompt
-  token (``echo`` scoring) from a prefill that keeps every position's logits.
+  token (``echo`` scoring) from a prefill that keeps every position's logits. Scoring keeps the
+  last scored prompt's KV and log-prob rows, so a prompt that shares its prefix (the four answer
+  letters of one multiple-choice question, lm-eval's continuations of one context) prefills only
+  what follows the shared part.
 - ``vllm``: :class:`serve.vllm_backend.VLLMBackend` over vLLM's async engine, when ``vllm`` is importable (GPU
   clusters). ``auto`` picks vLLM when importable and a GPU is visible, else HF.
 
@@ -79,6 +82,9 @@ class BatchingEngine:
         self.next_pos = None  # [B] long
         self.last_tok = None  # [B] long
         self.steps = 0  # forward passes (decode steps), for stats
+        self.prefill_tokens = 0  # prompt tokens run through the model, for stats
+        # The last scored prompt: (ids, per-layer KV [1, H, T, D], its entries for tokens 1..T-1, top-k).
+        self._scored: Optional[tuple] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
         self._thread.start()
@@ -123,6 +129,7 @@ class BatchingEngine:
                 for r in self.active + [r for r in new if r not in self.active]:
                     r.out.put(exc)
                 self._reset()
+                self._scored = None
 
     def _admit(self) -> List[_Request]:
         room = self.max_batch_size - len(self.active)
@@ -166,26 +173,28 @@ class BatchingEngine:
         plain = [r for r in new if r.params.prompt_logprobs is None]
         if plain:
             self._prefill_group(plain)
-        for r in new:
-            if r.params.prompt_logprobs is not None:
-                self._prefill_group([r], score=True)
+        # In prompt order, so that prompts sharing a prefix (one request's continuations, even when
+        # other requests' arrive between them) follow each other and reuse it.
+        for r in sorted((r for r in new if r.params.prompt_logprobs is not None), key=lambda r: r.prompt):
+            self._prefill_group([r], score=True)
 
     def _prefill_group(self, new: List[_Request], score: bool = False) -> None:
         torch = self.torch
-        lens = [len(r.prompt) for r in new]
+        if score:
+            logits, kv, mask, lens = self._prefill_scored(new[0])
+        else:
+            lens = [len(r.prompt) for r in new]
+            t_new = max(lens)
+            ids = torch.full((len(new), t_new), 0, dtype=torch.long)
+            mask = torch.zeros((len(new), t_new), dtype=torch.long)
+            for i, r in enumerate(new):
+                ids[i, t_new - lens[i]:] = torch.tensor(r.prompt)
+                mask[i, t_new - lens[i]:] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+            logits, kv = self._forward(ids, mask, pos, None)
+            self.prefill_tokens += sum(lens)
         t_new = max(lens)
-        ids = torch.full((len(new), t_new), 0, dtype=torch.long)
-        mask = torch.zeros((len(new), t_new), dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, t_new - lens[i]:] = torch.tensor(r.prompt)
-            mask[i, t_new - lens[i]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        logits, kv = self._forward(ids, mask, pos, None, keep=0 if score else 1)
-        if score:  # one request, no padding: position t predicts prompt token t+1
-            r = new[0]
-            rows = torch.log_softmax(logits[0, :-1], dim=-1)
-            r.out.put(PromptLogprobs([None] + token_logprobs(rows, r.prompt[1:], r.params.prompt_logprobs)))
         logits = logits[:, -1]  # [B, V]: the next token's
         next_pos = torch.tensor(lens, device=self.device)
         if self.active:  # merge into the running batch: left-pad the shorter side to a common T
@@ -202,6 +211,36 @@ class BatchingEngine:
         offset = len(self.active)
         self.active.extend(new)
         self._sample_and_emit(logits, range(offset, offset + len(new)), first=offset)
+
+    def _prefill_scored(self, r: _Request):
+        """Prefill one request that wants its prompt's log-probs (no padding) and emit them.
+
+        Only the part after the prefix it shares with the last scored prompt is run: with a shared
+        length L, that prompt's KV of tokens 0..L-2 and its entries for tokens 1..L-1 are reused
+        (token t's log-prob depends on tokens 0..t only), and tokens L-1.. are run (L-1 again, for
+        the distribution of token L). Returns what a plain prefill returns: last-position logits
+        [1, 1, V], the prompt's KV, its mask [1, T] and [T].
+        """
+        torch = self.torch
+        prompt, t, k = r.prompt, len(r.prompt), r.params.prompt_logprobs
+        shared = 0
+        if self._scored is not None and self._scored[3] == k:  # same top-k: cached entries fit
+            old = self._scored[0]
+            limit = min(len(old), t - 1)
+            while shared < limit and old[shared] == prompt[shared]:
+                shared += 1
+        start = max(shared - 1, 0)
+        past = [(kk[:, :, :start], v[:, :, :start]) for kk, v in self._scored[1]] if start else None
+        ids = torch.tensor([prompt[start:]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, t), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, t, device=self.device)[None]
+        logits, kv = self._forward(ids, mask, pos, past, keep=0)  # [1, t - start, V]
+        self.prefill_tokens += t - start
+        rows = torch.log_softmax(logits[0, :-1], dim=-1)  # positions start..t-2 → tokens start+1..t-1
+        entries = (self._scored[2][:start] if start else []) + token_logprobs(rows, prompt[start + 1:], k)
+        self._scored = (list(prompt), kv, entries, k)
+        r.out.put(PromptLogprobs([None] + entries))
+        return logits[:, -1:], kv, mask, [t]
 
     def _decode(self) -> None:
         torch = self.torch

@@ -143,6 +143,33 @@ def test_continuous_batching_with_logprobs_and_scoring(backend):
     assert backend.engine.active == []
 
 
+def test_scoring_reuses_the_shared_prefix_with_the_same_numbers(backend):
+    """Four continuations of one context (an MMLU question's answer letters): after the first, each
+    prefills only its own tokens, and every prompt log-prob equals that of a prefill from scratch."""
+    context = prompt_ids(backend.tokenizer, _msgs("Which letter? A, B, C or D")) + [5, 6, 7]
+    prompts = [context + [20 + k, 40 + k] for k in range(4)]
+    score = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0)
+    engine = backend.engine
+    fresh = []
+    for p in prompts:
+        engine._scored = None  # a prefill from scratch
+        fresh.append(list(backend.generate(p, score))[0].entries)
+    engine._scored = None
+    before = engine.prefill_tokens
+    cached = [list(backend.generate(p, score))[0].entries for p in prompts]
+    # The context once, then each prompt's last context token again (for the next token's distribution) + its 2.
+    assert engine.prefill_tokens - before == len(prompts[0]) + 3 * 3
+    for got, want in zip(cached, fresh):
+        assert got[0] is None and want[0] is None and len(got) == len(want)
+        assert [g.token_id for g in got[1:]] == [w.token_id for w in want[1:]]
+        assert [g.logprob for g in got[1:]] == pytest.approx([w.logprob for w in want[1:]], abs=1e-5)
+    # A prompt that is a prefix of the cached one still runs its last two tokens.
+    before = engine.prefill_tokens
+    short = list(backend.generate(context, score))[0].entries
+    assert engine.prefill_tokens - before == 2
+    assert [g.logprob for g in short[1:]] == pytest.approx([w.logprob for w in fresh[0][1:len(context)]], abs=1e-5)
+
+
 def test_placement_and_backend_choice_from_config(tiny_model_dir):
     from agenttuning.config import ConfigError, load_config, to_object
     from serve.lifecycle import placement
