@@ -148,6 +148,11 @@ def build_engine(job: TrainJob, world: int) -> Tuple[Any, Any, Any]:
     from transformers.integrations import HfDeepSpeedConfig
 
     t, use_gpu = job.train, job.scaling.use_gpu
+    if not use_gpu and world == 1:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~60 s of g++ on a
+        # fresh install or venv) that a single worker never uses; its compatibility table is the
+        # documented place to turn an op off (deepspeed.ops: "edits to it persist").
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # Wrap Ray Train's process group first: zero.Init (ZeRO-3 loading) reads the world size from it.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
     ds_cfg = deepspeed_config(t, use_gpu, world)

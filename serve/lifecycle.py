@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agenttuning.cluster import init_ray
+from agenttuning.config import ConfigError
 from agenttuning.schema import AutoscalingSection, ServeConfig
 from serve.auth import describe_key_config
 
@@ -60,7 +62,35 @@ def start_serve(s: ServeConfig) -> None:
             log.warning("Serve binds %s:%d, reachable from the network, and no API key is set: anyone who can reach "
                         "it can use the models and run actions in the environments (set serve.api_key_env or "
                         "serve.api_key_file)", s.host, s.port)
+    if not _serve_running():
+        _check_port_free(s.host, s.port)
     serve.start(http_options={"host": s.host, "port": s.port})
+
+
+def _serve_running() -> bool:
+    """Whether this Ray instance already runs Serve (then its proxy holds the port, rightly)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before deploying when another process (often another Ray instance's Serve) holds the
+    port: Serve's proxy would not bind, and this job's requests would reach that process instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to Serve too
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"config key 'serve.port': {host}:{port} is already in use ({exc.strerror}), "
+                              "perhaps by another Ray instance's Serve on this machine; stop it or pick a free "
+                              f"port (serve.port=...)") from None
 
 
 def url(s: ServeConfig, route_prefix: str) -> str:

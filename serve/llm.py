@@ -31,6 +31,7 @@ from agenttuning.chat import load_tokenizer
 from agenttuning.models import load_causal_lm, nucleus, resolve_device
 from agenttuning.schema import ModelConfig, ServeConfig
 from serve.auth import resolve_api_key
+from serve.kv_prefix import PrefixCache, shared_prefix
 from serve.openai_api import (
     OpenAIChat,
     OpenAIDeployment,
@@ -55,6 +56,7 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # torch.Generator for sampled requests
     n_out: int = 0
+    sampled: List[int] = field(default_factory=list)  # tokens picked so far (all but the last are in the KV)
 
 
 class BatchingEngine:
@@ -65,7 +67,7 @@ class BatchingEngine:
     """
 
     def __init__(self, model: Any, eos_ids: List[int], max_batch_size: int = 8, batch_wait_s: float = 0.005,
-                 max_context: Optional[int] = None):
+                 max_context: Optional[int] = None, prefix_cache_mb: int = 512):
         import torch
 
         self.torch = torch
@@ -85,6 +87,7 @@ class BatchingEngine:
         self.prefill_tokens = 0  # prompt tokens run through the model, for stats
         # The last scored prompt: (ids, per-layer KV [1, H, T, D], its entries for tokens 1..T-1, top-k).
         self._scored: Optional[tuple] = None
+        self.prefix = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
         self._thread.start()
@@ -130,6 +133,8 @@ class BatchingEngine:
                     r.out.put(exc)
                 self._reset()
                 self._scored = None
+                if self.prefix is not None:
+                    self.prefix.clear()
 
     def _admit(self) -> List[_Request]:
         room = self.max_batch_size - len(self.active)
@@ -168,33 +173,57 @@ class BatchingEngine:
         return out.logits.float(), new_kv
 
     def _prefill(self, new: List[_Request]) -> None:
-        """Prefill arrivals together; a request that wants its prompt's log-probs alone (all
-        positions' logits, no padding), so the others keep the cheap last-position pass."""
-        plain = [r for r in new if r.params.prompt_logprobs is None]
+        """Prefill arrivals: together (one padded batch, last-position logits) unless a request
+        shares a prefix with a cached sequence (then only the rest of its prompt runs) or wants its
+        prompt's log-probs (alone: all positions' logits, no padding)."""
+        plain, hits = [], []
+        for r in new:
+            if r.params.prompt_logprobs is None:
+                hit = self.prefix.lookup(r.prompt) if self.prefix is not None else None
+                (hits.append((r, hit)) if hit else plain.append(r))
         if plain:
-            self._prefill_group(plain)
+            self._merge(plain, *self._prefill_batch(plain))
+        for r, (start, past) in hits:
+            self._merge([r], *self._run_from(r.prompt, start, past, keep=1))
         # In prompt order, so that prompts sharing a prefix (one request's continuations, even when
         # other requests' arrive between them) follow each other and reuse it.
         for r in sorted((r for r in new if r.params.prompt_logprobs is not None), key=lambda r: r.prompt):
-            self._prefill_group([r], score=True)
+            self._merge([r], *self._prefill_scored(r))
 
-    def _prefill_group(self, new: List[_Request], score: bool = False) -> None:
+    def _prefill_batch(self, new: List[_Request]):
+        """Prompts left-padded to one length: last-position logits [B, 1, V], KV, mask [B, T]."""
         torch = self.torch
-        if score:
-            logits, kv, mask, lens = self._prefill_scored(new[0])
-        else:
-            lens = [len(r.prompt) for r in new]
-            t_new = max(lens)
-            ids = torch.full((len(new), t_new), 0, dtype=torch.long)
-            mask = torch.zeros((len(new), t_new), dtype=torch.long)
-            for i, r in enumerate(new):
-                ids[i, t_new - lens[i]:] = torch.tensor(r.prompt)
-                mask[i, t_new - lens[i]:] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-            logits, kv = self._forward(ids, mask, pos, None)
-            self.prefill_tokens += sum(lens)
+        lens = [len(r.prompt) for r in new]
         t_new = max(lens)
+        ids = torch.full((len(new), t_new), 0, dtype=torch.long)
+        mask = torch.zeros((len(new), t_new), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, t_new - lens[i]:] = torch.tensor(r.prompt)
+            mask[i, t_new - lens[i]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        logits, kv = self._forward(ids, mask, pos, None)
+        self.prefill_tokens += sum(lens)
+        return logits, kv, mask
+
+    def _run_from(self, prompt: List[int], start: int, past: Optional[list], keep: int):
+        """One prompt whose KV of tokens 0..start-1 is `past`: runs tokens start.. only.
+        Returns logits of the last `keep` positions (0 = all run) [1, keep, V], KV, mask [1, T]."""
+        torch = self.torch
+        t = len(prompt)
+        ids = torch.tensor([prompt[start:]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, t, device=self.device)[None]
+        mask = torch.ones((1, t), dtype=torch.long, device=self.device)
+        logits, kv = self._forward(ids, mask, pos, past if start else None, keep=keep)
+        self.prefill_tokens += t - start
+        return logits, kv, mask
+
+    def _merge(self, new: List[_Request], logits, kv, mask) -> None:
+        """Join prefilled requests to the running batch (left-padding the shorter side to a common
+        T) and pick their first tokens. logits [B, *, V] (the last position is the next token's)."""
+        torch = self.torch
+        lens = [len(r.prompt) for r in new]
+        t_new = mask.shape[1]
         logits = logits[:, -1]  # [B, V]: the next token's
         next_pos = torch.tensor(lens, device=self.device)
         if self.active:  # merge into the running batch: left-pad the shorter side to a common T
@@ -213,34 +242,26 @@ class BatchingEngine:
         self._sample_and_emit(logits, range(offset, offset + len(new)), first=offset)
 
     def _prefill_scored(self, r: _Request):
-        """Prefill one request that wants its prompt's log-probs (no padding) and emit them.
+        """Run one request that wants its prompt's log-probs and emit them; returns what
+        :meth:`_run_from` returns (all positions' logits), for :meth:`_merge`.
 
         Only the part after the prefix it shares with the last scored prompt is run: with a shared
         length L, that prompt's KV of tokens 0..L-2 and its entries for tokens 1..L-1 are reused
         (token t's log-prob depends on tokens 0..t only), and tokens L-1.. are run (L-1 again, for
-        the distribution of token L). Returns what a plain prefill returns: last-position logits
-        [1, 1, V], the prompt's KV, its mask [1, T] and [T].
+        the distribution of token L).
         """
-        torch = self.torch
-        prompt, t, k = r.prompt, len(r.prompt), r.params.prompt_logprobs
+        prompt, k = r.prompt, r.params.prompt_logprobs
         shared = 0
         if self._scored is not None and self._scored[3] == k:  # same top-k: cached entries fit
-            old = self._scored[0]
-            limit = min(len(old), t - 1)
-            while shared < limit and old[shared] == prompt[shared]:
-                shared += 1
+            shared = shared_prefix(self._scored[0], prompt, len(prompt) - 1)
         start = max(shared - 1, 0)
         past = [(kk[:, :, :start], v[:, :, :start]) for kk, v in self._scored[1]] if start else None
-        ids = torch.tensor([prompt[start:]], dtype=torch.long, device=self.device)
-        mask = torch.ones((1, t), dtype=torch.long, device=self.device)
-        pos = torch.arange(start, t, device=self.device)[None]
-        logits, kv = self._forward(ids, mask, pos, past, keep=0)  # [1, t - start, V]
-        self.prefill_tokens += t - start
-        rows = torch.log_softmax(logits[0, :-1], dim=-1)  # positions start..t-2 → tokens start+1..t-1
+        logits, kv, mask = self._run_from(prompt, start, past, keep=0)  # [1, t - start, V]
+        rows = self.torch.log_softmax(logits[0, :-1], dim=-1)  # positions start..t-2 → tokens start+1..t-1
         entries = (self._scored[2][:start] if start else []) + token_logprobs(rows, prompt[start + 1:], k)
         self._scored = (list(prompt), kv, entries, k)
         r.out.put(PromptLogprobs([None] + entries))
-        return logits[:, -1:], kv, mask, [t]
+        return logits, kv, mask
 
     def _decode(self) -> None:
         torch = self.torch
@@ -264,6 +285,7 @@ class BatchingEngine:
                 continue
             row = logits[i - first]
             tok = _sample(torch, row, req.params, req.generator)
+            req.sampled.append(tok)
             self.last_tok[i] = tok
             full = self.max_context is not None and int(self.next_pos[i]) + 1 >= self.max_context
             if tok in self.eos:
@@ -280,22 +302,32 @@ class BatchingEngine:
             self._drop(done)
 
     def _drop(self, rows: List[int]) -> None:
+        """Remove finished rows from the batch (keeping their sequences for prefix reuse), then
+        end their streams: a caller that sees its end finds the batch without it."""
         torch = self.torch
-        for i in rows:
-            self.active[i].out.put(None)
+        done = [self.active[i] for i in rows]
+        for i, req in zip(rows, done):
+            if self.prefix is not None and req.params.prompt_logprobs is None and not req.cancelled.is_set():
+                # Row i's real tokens are its last next_pos columns (rows are left-padded): the
+                # prompt and all picked tokens but the last, which was never run.
+                n = int(self.next_pos[i])
+                ids = req.prompt + req.sampled[: n - len(req.prompt)]
+                self.prefix.put(ids, [(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone()) for k, v in self.kv])
         keep = [i for i in range(len(self.active)) if i not in set(rows)]
         if not keep:
             self._reset()
-            return
-        idx = torch.tensor(keep, device=self.device)
-        self.active = [self.active[i] for i in keep]
-        mask = self.mask.index_select(0, idx)
-        # Columns that are padding in every remaining row carry nothing: cut them.
-        first = int((mask.sum(0) > 0).nonzero()[0])
-        self.mask = mask[:, first:]
-        self.kv = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in self.kv]
-        self.next_pos = self.next_pos.index_select(0, idx)
-        self.last_tok = self.last_tok.index_select(0, idx)
+        else:
+            idx = torch.tensor(keep, device=self.device)
+            self.active = [self.active[i] for i in keep]
+            mask = self.mask.index_select(0, idx)
+            # Columns that are padding in every remaining row carry nothing: cut them.
+            first = int((mask.sum(0) > 0).nonzero()[0])
+            self.mask = mask[:, first:]
+            self.kv = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in self.kv]
+            self.next_pos = self.next_pos.index_select(0, idx)
+            self.last_tok = self.last_tok.index_select(0, idx)
+        for req in done:
+            req.out.put(None)
 
 
 def _lpad(x, t: int):

@@ -170,6 +170,32 @@ def test_scoring_reuses_the_shared_prefix_with_the_same_numbers(backend):
     assert [g.logprob for g in short[1:]] == pytest.approx([w.logprob for w in fresh[0][1:len(context)]], abs=1e-5)
 
 
+def test_next_turn_prefills_only_what_follows_the_cached_conversation(backend):
+    """An agent's next turn (its last prompt + reply + observation) reuses the finished sequence's
+    KV: only the new tokens run, and the greedy reply is the one a prefill from scratch gives."""
+    from serve.kv_prefix import PrefixCache
+
+    engine = backend.engine
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    first = prompt_ids(backend.tokenizer, _msgs("List the tables, then count the rows of each."))
+    reply = list(backend.generate(first, greedy))
+    second = first + reply + [7, 8, 9, 10, 11]  # + the observation's tokens
+
+    saved, engine.prefix = engine.prefix, None  # reference: no reuse
+    try:
+        want = list(backend.generate(second, greedy))
+        engine.prefix = PrefixCache()
+        assert list(backend.generate(first, greedy)) == reply
+        before = engine.prefill_tokens
+        got = list(backend.generate(second, greedy))
+        reused = len(first) + len(reply) - 1  # the reply's last token was picked, never run
+        assert engine.prefix.hits == 1 and engine.prefix.reused_tokens == reused
+        assert engine.prefill_tokens - before == len(second) - reused
+        assert got == want
+    finally:
+        engine.prefix = saved
+
+
 def test_placement_and_backend_choice_from_config(tiny_model_dir):
     from agenttuning.config import ConfigError, load_config, to_object
     from serve.lifecycle import placement
