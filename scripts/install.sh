@@ -15,6 +15,7 @@ say() { printf '\033[1minstall:\033[0m %s\n' "$*"; }
 
 APT_PACKAGES=(
   python3-venv python3-dev gcc  # the virtual environment; headers for packages that compile
+  g++ cmake make      # fast-downward-textworld (ALFWorld's PDDL planner) ships as source only
   mariadb-server      # DB environment, MySQL-compatible backend (serve/envs/db_backends.py)
   bubblewrap uidmap   # OS environment sandbox; newuidmap/newgidmap for the rootless mode
   default-jre-headless chromium chromium-driver  # ScienceWorld's JVM; MiniWoB++ / WebArena browser
@@ -47,6 +48,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+# Source builds that call plain `python` (fast-downward-textworld's setup.py) find the venv's:
+# Debian and Ubuntu have no `python` command unless python-is-python3 is installed.
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
 say "using $PY ($("$PY" --version 2>&1))"
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade "pip>=23.1"
