@@ -7,10 +7,11 @@ Backends (``serve.backend``):
   leave it at once, so a long answer never holds a short one back. ``max_batch_size: 1`` turns
   batching off (one request at a time), which the throughput benchmark uses as its baseline.
   Log-probs come from the same passes: per generated token from its row of logits, per prompt
-  token (``echo`` scoring) from a prefill that keeps every position's logits. Scoring keeps the
-  last scored prompt's KV and log-prob rows, so a prompt that shares its prefix (the four answer
-  letters of one multiple-choice question, lm-eval's continuations of one context) prefills only
-  what follows the shared part.
+  token (``echo`` scoring) from a prefill that keeps every position's logits. Prefixes are reused:
+  a generation request runs only what follows the longest prefix it shares with a finished
+  sequence (``serve.kv_prefix``); a scoring request reuses the last scored prompt's KV and
+  log-prob entries (the four answer letters of one multiple-choice question, lm-eval's
+  continuations of one context).
 - ``vllm``: :class:`serve.vllm_backend.VLLMBackend` over vLLM's async engine, when ``vllm`` is importable (GPU
   clusters). ``auto`` picks vLLM when importable and a GPU is visible, else HF.
 
