@@ -54,6 +54,9 @@ DS_TAG = "state"
 WORKERS_FILE = "workers.json"  # rank → node id / ip / hostname / pid of the latest (re)start
 PROGRESS_FILE = "progress.json"  # rank 0's latest step, read by the driver's progress bar
 CHUNK_ROWS = 256  # rows per Ray Data batch: fewer iterator round trips than one per micro-batch
+# Ray Train's controller takes one report per worker every health-check interval (its env var, 2 s
+# by default) from a one-slot queue; a report sooner than that blocks the worker until it is taken.
+REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
 @dataclass
@@ -358,6 +361,7 @@ class Worker:
         self.peak = (peak_tflops(torch.cuda.get_device_name(), self.t.peak_tflops) if self.use_gpu else None)
         self.stream = micro_batches(ray.train.get_dataset_shard("train"), job, self.rank, self.world, self.start)
         self.epoch = 0
+        self.last_report = time.perf_counter()
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -445,6 +449,21 @@ class Worker:
         self._reset_window()
         return out
 
+    def report_due(self) -> bool:
+        """Whether this log line also goes to Ray Train (``ray.train.report``): at most once per
+        REPORT_INTERVAL_S, else fast steps stall on the controller (~1 s per report at 0.1 s
+        steps). Every rank must make the same call (report is a collective), so they agree on the
+        slowest rank's clock."""
+        import torch
+        import torch.distributed as dist
+
+        since = torch.tensor([time.perf_counter() - self.last_report], dtype=torch.float64, device=self.device)
+        dist.all_reduce(since, op=dist.ReduceOp.MAX)
+        if since.item() < REPORT_INTERVAL_S:
+            return False
+        self.last_report = time.perf_counter()
+        return True
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -468,6 +487,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             metrics = w.metrics(step, stats, n_sup)
             if is_save:
                 save(w.engine, w.tokenizer, w.job, step, w.epoch, metrics)
-            else:
+            elif w.report_due():
                 ray.train.report(metrics)
     w.finish()
