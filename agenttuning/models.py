@@ -121,17 +121,21 @@ def convert_gguf(src: str, out_dir: str) -> str:
     copied into a freshly constructed model of the same config, which saves normally. Written to
     a temporary sibling folder and renamed, so an interrupted conversion never looks complete.
     """
+    import copy
     import shutil
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(src)
     log.info("converting %s to a Hugging Face folder at %s (once)", src, out_dir)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # Not loaded.config: that one carries a GGUF quantization_config the plain folder must not claim.
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # Without the GGUF quantization_config the plain folder must not claim (a copy, not a re-parse:
+    # each parse of the GGUF metadata costs ~10 s on 2 CPUs).
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # Tied output embeddings are not a separate tensor in the state dict; anything else missing is a bug.

@@ -39,7 +39,7 @@ Overlong = Choice("Overlong", [(v, v) for v in ("truncate", "reject")])
 ServeBackend = Choice("ServeBackend", [(v, v) for v in ("hf", "vllm", "auto")])
 PolicyKind = Choice("PolicyKind", [(v, v) for v in ("model", "eft", "openai", "expert")])
 ContextPolicy = Choice("ContextPolicy", [(v, v) for v in ("truncate", "end")])
-GeneralKind = Choice("GeneralKind", [(v, v) for v in ("mc", "math", "code", "mtbench")])
+GeneralKind = Choice("GeneralKind", [(v, v) for v in ("mc", "math", "code", "mtbench", "loglik")])
 EFTPlacement = Choice("EFTPlacement", [(v, v) for v in ("colocated", "separate")])
 InstructionKind = Choice("InstructionKind", [(v, v) for v in ("env", "derive", "self_instruct")])
 DecontamScope = Choice("DecontamScope", [(v, v) for v in ("instruction", "trajectory")])
@@ -334,7 +334,8 @@ class GeneralTaskConfig:
     name: str = MISSING  # task name in the report (unique)
     # mc: MMLU, 5-shot chat prompt, answer letter by log-likelihood through the served model |
     # math: GSM8K, 8-shot chain of thought, final number | code: HumanEval pass@1 in the OS sandbox |
-    # mtbench: MT-Bench, two turns rated 1-10 by a judge model
+    # mtbench: MT-Bench, two turns rated 1-10 by a judge model | loglik: held-out likelihood of
+    # reference answers (GSM8K worked solutions, ShareGPT replies), per-token probability through the served model
     kind: GeneralKind = MISSING
     path: str = MISSING  # jsonl file of the task (mtbench: question.jsonl)
     category: str = "general"  # report category

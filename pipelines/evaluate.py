@@ -167,6 +167,10 @@ def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, D
             bar.update(len(t.records))
 
     n_models = sum(1 for spec in policies.values() if spec.config.kind != "expert")
+    # transformers resolves its names lazily on first import; two policy threads doing that at once
+    # can see a half-initialised module ("cannot import name 'AutoTokenizer'").
+    import transformers  # noqa: F401
+
     # Policies side by side: each has its own model replicas, so they decode in parallel.
     pool = ThreadPoolExecutor(max_workers=max(1, len(policies)))
     with progress(total=n_models * sum(len(t.records) for t in tasks), desc="general items", unit="item") as bar:

@@ -2,10 +2,11 @@
 
 Kinds (``eval.general[*].kind``): ``mc`` (MMLU, :func:`pipelines.scorers.score_mc`), ``math``
 (GSM8K, :func:`pipelines.scorers.score_math`), ``code`` (HumanEval,
-:func:`pipelines.general_code.score_code`), ``mtbench`` (:func:`pipelines.mtbench.score_mtbench`).
+:func:`pipelines.general_code.score_code`), ``mtbench`` (:func:`pipelines.mtbench.score_mtbench`),
+``loglik`` (held-out answer likelihood, :func:`pipelines.scorers.score_loglik`).
 Every policy is reached where it is served (:mod:`pipelines.general_client`). A task a policy
-cannot do (the scripted expert; MMLU at an endpoint without prompt log-probabilities or without a
-known tokenizer; code where sandboxes cannot start) is reported ``not_applicable`` with the reason.
+cannot do (the scripted expert; MMLU or likelihood at an endpoint without prompt log-probabilities
+or without a known tokenizer; code where sandboxes cannot start) is reported ``not_applicable`` with the reason.
 """
 
 import logging
@@ -16,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 from pipelines import mtbench
 from pipelines.general_client import Endpoint, EndpointError
 from pipelines.general_code import score_code
-from pipelines.scorers import RecordError, read_jsonl, score_math, score_mc, shots_by_subject
+from pipelines.scorers import RecordError, read_jsonl, score_loglik, score_math, score_mc, shots_by_subject
 from serve.envs.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ def score_task(task: GeneralTask, endpoint: Endpoint, policy: Any, tokenizer: Ca
                 return not_applicable("MMLU builds token-level prompts: set the policy's `tokenizer`")
             res = score_mc(task.records, task.dev, task.shots, tok, endpoint.loglik, g.name, concurrency)
             return {**res, "shots_from": task.dev_source}
+        if g.kind == "loglik":
+            tok = tokenizer()
+            if tok is None:
+                return not_applicable("likelihood scoring builds token-level prompts: set the policy's `tokenizer`")
+            return score_loglik(task.records, tok, endpoint.loglik, g.name, concurrency)
         if g.kind == "math":
             return score_math(task.records, generate, task.shots, g.name, concurrency)
         if g.kind == "code":

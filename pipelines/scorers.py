@@ -310,6 +310,15 @@ def numbers_equal(a: Optional[float], b: Optional[float]) -> bool:
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
 
 
+def chain_of_thought(solution: str) -> str:
+    """A GSM8K worked solution as the evaluation asks for it: no calculator annotations, the final
+    ``#### N`` line written "The answer is N." (N without thousands separators)."""
+    body, _, final = solution.rpartition("####")
+    body = re.sub(r"<<[^<>]*>>", "", body).strip()
+    final = final.strip().replace(",", "")  # GSM8K's normalisation: a few answers write 9,000
+    return f"{body}\nThe answer is {final}." if body else f"The answer is {final}."
+
+
 def math_messages(question: str, n_shots: int = 8) -> List[Dict[str, str]]:
     """AgentTuning's GSM8K chat: instruction turn, `n_shots` exemplars of Wei et al., the question."""
     msgs = [{"role": "user", "content": GSM8K_INSTRUCTION}, {"role": "assistant", "content": "Ok."}]
@@ -336,3 +345,55 @@ def score_math(records: List[Dict[str, Any]], generate: Callable[[List[Dict[str,
     strict_ok = sum(p["correct"] and p["strict"] for p in preds)
     return {"n": n, "score": sum(p["correct"] for p in preds) / n if n else 0.0, "shots": n_shots,
             "strict_score": strict_ok / n if n else 0.0, "predictions": preds}
+
+
+# ----------------------------------------------------------------------------- answer likelihood
+
+
+def answer_messages(rec: Dict[str, Any], where: str) -> List[Dict[str, str]]:
+    """A record as a conversation whose last turn is the reference answer: ShareGPT
+    ``conversations``, OpenAI ``messages``, or GSM8K's ``question`` + worked ``answer`` (rendered as
+    the general training data renders it, :func:`chain_of_thought`)."""
+    if "conversations" in rec:
+        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                for t in rec["conversations"]]
+    elif "messages" in rec:
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in rec["messages"]]
+    else:
+        question, answer = _first(rec, ("question", "input", "problem"), where), _first(rec, ("answer",), where)
+        answer = chain_of_thought(answer) if "####" in str(answer) else str(answer)
+        msgs = [{"role": "user", "content": str(question).strip()}, {"role": "assistant", "content": answer}]
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise RecordError(f"{where}: the last turn must be the assistant's reference answer")
+    return msgs
+
+
+def answer_request(tok: Any, messages: List[Dict[str, str]], where: str) -> Tuple[List[int], List[int]]:
+    """(context token ids up to the last assistant turn, the answer's token ids), rendered with the
+    chat template; the answer is the whole text after the context (lm-evaluation-harness's rule)."""
+    try:
+        text, spans = render(tok, normalize_messages(messages, None))
+    except ValueError as exc:  # ChatError: roles or contents
+        raise RecordError(f"{where}: {exc}") from None
+    start, end, _ = spans[-1]
+    ctx = tok(text[:start], add_special_tokens=False)["input_ids"]
+    whole = tok(text[:end], add_special_tokens=False)["input_ids"]
+    if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+        raise RecordError(f"{where}: the tokenizer merges the answer's first token into the context")
+    return ctx, whole[len(ctx):]
+
+
+def score_loglik(records: List[Dict[str, Any]], tok: Any, loglik: LoglikFn, name: str = "loglik",
+                 concurrency: int = 1) -> Dict[str, Any]:
+    """Held-out likelihood of reference answers: ``score`` is the per-token probability of the
+    answers' tokens (exp of minus the mean negative log-likelihood per token, 0-1, higher is better).
+    It moves with a few hundred training steps where accuracy at 135M parameters stays at chance."""
+    requests = [answer_request(tok, answer_messages(rec, f"{name} record {i}"), f"{name} record {i}")
+                for i, rec in enumerate(records)]
+    logps = parallel_map(lambda r: loglik(r[0], [r[1]])[0], requests, concurrency)
+    preds = [{"index": i, "logprob": round(lp, 4), "tokens": len(r[1])}
+             for i, (r, lp) in enumerate(zip(requests, logps))]
+    tokens = sum(p["tokens"] for p in preds)
+    nll = -sum(logps) / tokens if tokens else 0.0
+    return {"n": len(preds), "score": math.exp(-nll) if tokens else 0.0, "nll_per_token": round(nll, 6),
+            "tokens": tokens, "predictions": preds}

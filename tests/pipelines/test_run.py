@@ -78,7 +78,6 @@ def test_end_to_end_on_the_tiny_model(ray_local, bench_data, tiny_model_dir, tmp
         "general.humaneval_eval=2", "data.num_samples=40", "data.max_seq_len=2048",
         "train.max_steps=3", "train.warmup_steps=0", "scaling.resources_per_worker={CPU: 0.5}",
         "serve.num_cpus=0", "serve.rollout.num_cpus=0", "eval.tasks.0.limit=3",
-        "eval.general.1.max_tokens=8", "eval.general.2.max_tokens=8",
         "run.eval_policy.max_tokens=16", "wandb.mode=disabled",
     ])
     summary = run.main(cfg)
@@ -98,8 +97,9 @@ def test_end_to_end_on_the_tiny_model(ray_local, bench_data, tiny_model_dir, tmp
     assert set(report["policies"]) == {"untuned", "tuned"}
     for p in ("untuned", "tuned"):
         tasks = report["policies"][p]["tasks"]
-        assert tasks["db"]["n"] == 3 and tasks["mmlu"]["n"] == 4 and tasks["humaneval"]["n"] == 2
+        assert tasks["db"]["n"] == 3 and tasks["mmlu"]["n"] == 4 and tasks["gsm_likelihood"]["n"] == 2
+        assert 0.0 < tasks["gsm_likelihood"]["score"] < 1.0 and tasks["gsm_likelihood"]["tokens"] > 20
     printed = capsys.readouterr().out
-    assert "| db | held_in | success rate |" in printed and "| humaneval | general |" in printed
+    assert "| db | held_in | success rate |" in printed and "| gsm_likelihood | general |" in printed
     assert (out / "results.md").read_text().count("| db |") == 3
     assert set(summary["timings_s"]) == set(run.STAGES)

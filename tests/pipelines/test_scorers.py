@@ -1,17 +1,21 @@
-"""MMLU (5-shot, answer-letter log-likelihood through the served model) and GSM8K (8-shot chain of
-thought) scorers, on the real data files and the tiny model served on 127.0.0.1."""
+"""MMLU (5-shot, answer-letter log-likelihood through the served model), GSM8K (8-shot chain of
+thought) and held-out answer likelihood scorers, on the real data files and the tiny model served
+on 127.0.0.1."""
 
 import json
+import math
 
 import pytest
 
 from agenttuning.paths import data_file
 from pipelines.general_client import Endpoint
-from pipelines.general_sources import chain_of_thought
 from pipelines.scorers import (
     GSM8K_COT_EXEMPLARS,
     GSM8K_INSTRUCTION,
     RecordError,
+    answer_messages,
+    answer_request,
+    chain_of_thought,
     extract_answer,
     local_loglik,
     math_gold,
@@ -20,6 +24,7 @@ from pipelines.scorers import (
     mc_messages,
     mc_request,
     read_jsonl,
+    score_loglik,
     score_math,
     score_mc,
     shots_by_subject,
@@ -236,6 +241,27 @@ def test_score_math_through_the_served_model(tiny):
     records = read_jsonl(data_file("gsm8k/test.jsonl"), 2)
     res = score_math(records, lambda m: endpoint.chat(m, 8), 8, "gsm8k", concurrency=2)
     assert res["n"] == 2 and all(p["reply"] for p in res["predictions"]) and res["shots"] == 8
+
+
+def test_answer_likelihood_through_the_server_equals_in_process(tiny):
+    """GSM8K test solutions as the training data renders them: the answer tokens are exactly the
+    last assistant turn's, and the served log-likelihoods equal those of the weights in process."""
+    model, tok, endpoint = tiny
+    records = read_jsonl(data_file("gsm8k/test.jsonl"), 3)
+    msgs = answer_messages(records[0], "gsm record 0")
+    assert msgs[-1] == {"role": "assistant", "content": chain_of_thought(records[0]["answer"])}
+    ctx, ans = answer_request(tok, msgs, "gsm record 0")
+    assert tok.decode(ans).strip().startswith(msgs[-1]["content"][:40]) and "The answer is" in tok.decode(ans)
+    served = score_loglik(records, tok, endpoint.loglik, "gsm", concurrency=2)
+    local = score_loglik(records, tok, local_loglik(model), "gsm")
+    assert served["n"] == 3 and served["tokens"] == local["tokens"] == sum(p["tokens"] for p in local["predictions"])
+    assert [p["logprob"] for p in served["predictions"]] == pytest.approx([p["logprob"] for p in local["predictions"]], abs=1e-3)
+    total = sum(p["logprob"] for p in local["predictions"])
+    assert local["score"] == pytest.approx(math.exp(total / local["tokens"])) and 0.0 < local["score"] < 1.0
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]}
+    assert answer_messages(sharegpt, "r")[-1] == {"role": "assistant", "content": "Hello there."}
+    with pytest.raises(RecordError, match="r: the last turn must be the assistant"):
+        answer_messages({"conversations": sharegpt["conversations"][:1]}, "r")
 
 
 def test_read_jsonl_names_bad_line(tmp_path):
