@@ -78,6 +78,9 @@ def init(run: WandbRun, directory: str, config: Dict[str, Any]) -> Any:
 
         if run.api_key:
             os.environ.setdefault("WANDB_API_KEY", run.api_key)
+        # The eval job imports `openai` (its client), which makes wandb.init print a three-line Weave
+        # advertisement into the console; a user who wants Weave sets the variable to false.
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         os.makedirs(directory, exist_ok=True)
         return wandb.init(project=run.project, group=run.group, job_type=run.job_type, name=run.name, id=run.id,
                           resume="allow", tags=run.tags, config=config, mode=run.mode, dir=directory,

@@ -387,7 +387,7 @@ def score_loglik(records: List[Dict[str, Any]], tok: Any, loglik: LoglikFn, name
                  concurrency: int = 1) -> Dict[str, Any]:
     """Held-out likelihood of reference answers: ``score`` is the per-token probability of the
     answers' tokens (exp of minus the mean negative log-likelihood per token, 0-1, higher is better).
-    It moves with a few hundred training steps where accuracy at 135M parameters stays at chance."""
+    It moves after a few dozen training steps where the accuracy of a 135M model stays at chance."""
     requests = [answer_request(tok, answer_messages(rec, f"{name} record {i}"), f"{name} record {i}")
                 for i, rec in enumerate(records)]
     logps = parallel_map(lambda r: loglik(r[0], [r[1]])[0], requests, concurrency)
