@@ -149,5 +149,8 @@ def score_mtbench(questions: List[Dict[str, Any]], chat: ChatFn, judge: Callable
         return round(sum(r["rating"] for r in rows) / len(rows), 4) if rows else 0.0
 
     turn1, turn2 = [g for g in valid if g["turn"] == 1], [g for g in valid if g["turn"] == 2]
+    if graded and not valid:  # no rating at all: not a score of 0, and out of the category's overall
+        return {"n": 0, "score": 0.0, "failed_judgments": len(graded), "scale": "1-10", "predictions": graded,
+                "not_applicable": f"every judgment failed ({graded[0]['judgment'][:200]}): is the judge reachable?"}
     return {"n": len(questions), "score": mean(valid), "turn1": mean(turn1), "turn2": mean(turn2),
             "failed_judgments": len(graded) - len(valid), "scale": "1-10", "predictions": graded}
