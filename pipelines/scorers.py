@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from agenttuning.chat import normalize_messages, render
 from agenttuning.jsonl import iter_jsonl
+from agenttuning.sources import to_messages
 from pipelines.general_client import ContextTooLong
 
 log = logging.getLogger(__name__)
@@ -354,11 +355,11 @@ def answer_messages(rec: Dict[str, Any], where: str) -> List[Dict[str, str]]:
     """A record as a conversation whose last turn is the reference answer: ShareGPT
     ``conversations``, OpenAI ``messages``, or GSM8K's ``question`` + worked ``answer`` (rendered as
     the general training data renders it, :func:`chain_of_thought`)."""
-    if "conversations" in rec:
-        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("from")), "content": t.get("value")}
-                for t in rec["conversations"]]
-    elif "messages" in rec:
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in rec["messages"]]
+    if "conversations" in rec or "messages" in rec:
+        try:
+            msgs = to_messages("sharegpt" if "conversations" in rec else "openai", rec)
+        except ValueError as exc:  # ChatError: missing fields, unknown roles
+            raise RecordError(f"{where}: {exc}") from None
     else:
         question, answer = _first(rec, ("question", "input", "problem"), where), _first(rec, ("answer",), where)
         answer = chain_of_thought(answer) if "####" in str(answer) else str(answer)
