@@ -421,6 +421,9 @@ class SweepConfig:
     trial_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 0.1})  # Tune's reservation for a trial's driver
     max_concurrent_trials: Optional[int] = None  # None = as many as the cluster holds of one trial's peak resources
     eval_policy: PolicyConfig = field(default_factory=PolicyConfig)  # how a trial's checkpoint is queried (kind: model)
+    # A row for the base model itself (model.name_or_path, untrained) on the same suite, under this
+    # name (e.g. untuned); None = trials only.
+    baseline: Optional[str] = None
     resume: bool = True  # skip trials with a result.json; unfinished ones resume training and evaluation
     plot: bool = True  # write results.png (score per category against each swept key)
 

@@ -98,12 +98,17 @@ def data_fingerprint(cfg: DictConfig) -> str:
     return _digest(key, 12)
 
 
-def trial_fingerprint(cfg: DictConfig) -> str:
-    """What determines a trial's results (not where they are written)."""
+def trial_fingerprint(cfg: DictConfig, trained: bool = True) -> str:
+    """What determines a trial's results (not where they are written); trained=False: the baseline's
+    (the base model on the suite)."""
     c = to_dict(cfg)
-    key = {"data": data_fingerprint(cfg), "train": _without(c["train"], ("data_dir", "output_dir")),
-           "scaling": c["scaling"], "eval": {k: c["eval"][k] for k in ("tasks", "general", "reference_scores")},
+    key = {"eval": {k: c["eval"][k] for k in ("tasks", "general", "reference_scores")},
            "paper_table": c["eval"].get("paper_table"), "policy": c["sweep"]["eval_policy"]}
+    if trained:
+        key.update({"data": data_fingerprint(cfg), "train": _without(c["train"], ("data_dir", "output_dir")),
+                    "scaling": c["scaling"]})
+    else:
+        key["model"] = c["model"]
     return _digest(key, 10)
 
 
@@ -124,16 +129,25 @@ def plan_trials(cfg: DictConfig) -> List[Dict[str, Any]]:
             raise ConfigError(f"config key 'sweep': two trials have the same configuration {overrides} "
                               f"and {next(t['overrides'] for t in trials if t['id'] == tid)}")
         dfp = data_fingerprint(tcfg)
-        tdir = os.path.join(out, "trials", tid)
-        app = f"{name}-{tid[len('trial-'):]}"  # unique per trial: concurrent trials share Serve
-        tcfg = with_updates(tcfg, {
-            "data.output_dir": os.path.join(out, "data", dfp), "train.data_dir": os.path.join(out, "data", dfp),
-            "train.output_dir": os.path.join(tdir, "train"), "eval.output_dir": os.path.join(tdir, "eval"),
-            "serve.rollout.app_name": f"{app}-rollout", "wandb.group": name, "wandb.name": f"{name}-{tid}",
-            "wandb.tags": list(cfg.wandb.tags) + [f"sweep:{name}"],
-        })
-        trials.append({"id": tid, "overrides": overrides, "data": dfp, "dir": tdir, "policy": app, "cfg": tcfg})
+        trials.append(_placed(tcfg, tid, overrides, dfp, out, name))
+    if s.baseline:  # the base model on the same suite: no data, no training
+        bid = f"{_slug(s.baseline)}-{trial_fingerprint(cfg, trained=False)}"
+        trials.insert(0, {**_placed(cfg, bid, {}, None, out, name), "baseline": s.baseline})
     return trials
+
+
+def _placed(cfg: DictConfig, tid: str, overrides: Dict[str, Any], dfp: Any, out: str, name: str) -> Dict[str, Any]:
+    """A planned trial: its config with its own folders, Serve app and wandb run."""
+    tdir = os.path.join(out, "trials", tid)
+    app = f"{name}-{tid.split('-', 1)[1]}"  # unique per trial: concurrent trials share Serve
+    data_dir = os.path.join(out, "data", dfp) if dfp else cfg.data.output_dir
+    tcfg = with_updates(cfg, {
+        "data.output_dir": data_dir, "train.data_dir": data_dir,
+        "train.output_dir": os.path.join(tdir, "train"), "eval.output_dir": os.path.join(tdir, "eval"),
+        "serve.rollout.app_name": f"{app}-rollout", "wandb.group": name, "wandb.name": f"{name}-{tid}",
+        "wandb.tags": list(cfg.wandb.tags) + [f"sweep:{name}"],
+    })
+    return {"id": tid, "overrides": overrides, "data": dfp, "dir": tdir, "policy": app, "cfg": tcfg}
 
 
 def swept_keys(trials: List[Dict[str, Any]]) -> List[str]:
@@ -185,6 +199,23 @@ def auto_concurrency(footprints: List[Dict[str, float]], cluster: Dict[str, floa
     return max(1, min(fits) if fits else 1)
 
 
+def check_data_room(cfg: DictConfig, cluster: Dict[str, float]) -> None:
+    """Fail before any trial starts when a trial's training would fit the cluster but starve its
+    own Ray Data reads: the workers and Tune's reservation for the trial driver leave less than the
+    1 CPU a read task takes, and training waits forever for its first batch."""
+    s = cfg.scaling
+    per_worker = float(s.resources_per_worker.get("CPU", 0.0 if s.resources_per_worker else 1.0))
+    train = s.num_workers * per_worker + float(cfg.sweep.trial_resources.get("CPU", 0.0))
+    total = float(cluster.get("CPU", 0.0))
+    if train <= total < train + 1.0:
+        raise ConfigError(
+            f"config key 'scaling.resources_per_worker': a trial's training workers ({s.num_workers} x {per_worker:g} "
+            f"CPU) and its driver's reservation (sweep.trial_resources) take {train:g} of the cluster's {total:g} CPUs, "
+            "leaving less than the 1 CPU a Ray Data read task needs, so training would wait forever for data; reserve "
+            "less per worker (e.g. scaling.resources_per_worker={CPU: 0.5}: the worker still computes on "
+            "train.torch_threads threads) or run on a larger cluster")
+
+
 # ----------------------------------------------------------------------------- one trial
 
 
@@ -210,28 +241,34 @@ def run_trial(trial: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.time()
     cfg = trial["cfg"]
     run_directory = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-    done = [step for step, _ in list_checkpoints(run_directory)]
-    if done and done[-1] >= cfg.train.max_steps:
-        log.info("trial %s: training already finished (step %d)", trial["id"], done[-1])
+    if trial.get("baseline"):
+        checkpoint = cfg.model.name_or_path
     else:
-        train_job.main(cfg)
-    ckpts = list_checkpoints(run_directory)
-    if not ckpts:
-        raise RuntimeError(f"trial {trial['id']}: training wrote no checkpoint under {run_directory}")
-    checkpoint = ckpts[-1][1]
+        done = [step for step, _ in list_checkpoints(run_directory)]
+        if done and done[-1] >= cfg.train.max_steps:
+            log.info("trial %s: training already finished (step %d)", trial["id"], done[-1])
+        else:
+            train_job.main(cfg)
+        ckpts = list_checkpoints(run_directory)
+        if not ckpts:
+            raise RuntimeError(f"trial {trial['id']}: training wrote no checkpoint under {run_directory}")
+        checkpoint = ckpts[-1][1]
     policy = {**to_dict(cfg.sweep.eval_policy), "kind": "model", "model_path": checkpoint}
     # Only this trial's checkpoint: the config's own eval.policies (baselines) are replaced.
     report = eval_job.main(with_updates(cfg, {"eval.policies": {trial["policy"]: policy}}, merge=False))
     mine = report["policies"][trial["policy"]]
-    with open(os.path.join(cfg.data.output_dir, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest: Dict[str, Any] = {}
+    if not trial.get("baseline"):
+        with open(os.path.join(cfg.data.output_dir, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
     result = {
         "trial": trial["id"], "overrides": trial["overrides"], "status": "finished",
         "categories": {c: {"score": v["score"], "partial": v.get("partial", False)} for c, v in mine["categories"].items()},
-        "tasks": {t: {k: v[k] for k in ("score", "paper_score", "success_rate", "n") if k in v}
+        "baseline": trial.get("baseline"),
+        "tasks": {t: {k: v[k] for k in ("score", "paper_score", "success_rate", "n", "errors") if k in v}
                   for t, v in mine["tasks"].items() if "not_applicable" not in v},
         "train": _train_summary(run_directory), "checkpoint": checkpoint,
-        "data": {"dir": cfg.data.output_dir, "eta_actual": manifest.get("eta_actual"),
+        "data": {} if trial.get("baseline") else {"dir": cfg.data.output_dir, "eta_actual": manifest.get("eta_actual"),
                  "num_rows": manifest.get("num_rows"),
                  "epochs": {k: v.get("epochs") for k, v in manifest.get("sources", {}).items()}},
         "report": os.path.join(cfg.eval.output_dir, "report.json"), "wall_s": round(time.time() - t0, 1),
@@ -261,7 +298,7 @@ def build_data(trials: List[Dict[str, Any]]) -> None:
     """The data job once per distinct data configuration among these trials (skipped when built)."""
     built = set()
     for t in trials:
-        if t["data"] in built:
+        if t["data"] is None or t["data"] in built:  # a baseline needs no data
             continue
         built.add(t["data"])
         manifest = os.path.join(t["cfg"].data.output_dir, "manifest.json")
@@ -305,6 +342,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 def _tune(cfg: DictConfig, todo: List[Dict[str, Any]], out: str) -> Dict[str, str]:
     """Run `todo` on Ray Tune; returns {trial id: error} for the failed ones."""
     s = cfg.sweep
+    for t in todo:
+        if not t.get("baseline"):
+            check_data_room(t["cfg"], ray.cluster_resources())
     conc = s.max_concurrent_trials or auto_concurrency([footprint(t["cfg"]) for t in todo], ray.cluster_resources())
     log.info("sweep %s: %d trial(s) to run, at most %d at once, each reserving %s for its driver",
              s.name, len(todo), conc, dict(s.trial_resources))

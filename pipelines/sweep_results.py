@@ -31,7 +31,8 @@ def collect_rows(trials: List[Dict[str, Any]], keys: List[str], errors: Dict[str
     """One row per planned trial, in plan order."""
     rows = []
     for t in trials:
-        row: Dict[str, Any] = {"trial": t["id"], "values": {k: t["overrides"].get(k) for k in keys}}
+        row: Dict[str, Any] = {"trial": t["id"], "values": {k: t["overrides"].get(k) for k in keys},
+                               "baseline": t.get("baseline")}
         path = os.path.join(t["dir"], "result.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -45,13 +46,20 @@ def collect_rows(trials: List[Dict[str, Any]], keys: List[str], errors: Dict[str
     return rows
 
 
+def _cells(row: Dict[str, Any], keys: List[str]) -> List[str]:
+    """The swept values of a row; a baseline's (no training) show its name."""
+    if row.get("baseline"):
+        return [f"({row['baseline']})"] * len(keys)
+    return [_value(row["values"][k]) for k in keys]
+
+
 def markdown(rows: List[Dict[str, Any]], keys: List[str]) -> str:
     cats = sorted({c for r in rows for c in r["categories"]})
     tasks = sorted({t for r in rows for t in r["tasks"]})
     head = ["trial", *keys, *cats, "train loss", "eta", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial"], *(_value(r["values"][k]) for k in keys)]
+        cells = [r["trial"], *_cells(r, keys)]
         for c in cats:
             s = r["categories"].get(c)
             cells.append(f"{s['score']:.3f}{'*' if s.get('partial') else ''}" if s else "")
@@ -63,7 +71,7 @@ def markdown(rows: List[Dict[str, Any]], keys: List[str]) -> str:
         head = ["trial", *keys, *tasks]
         tl = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            tl.append("| " + " | ".join([r["trial"], *(_value(r["values"][k]) for k in keys)]
+            tl.append("| " + " | ".join([r["trial"], *_cells(r, keys)]
                                         + [f"{r['tasks'][t]['score']:.3f}" if t in r["tasks"] else "" for t in tasks]) + " |")
         out += "\n\nPer task (mean episode reward or the task's own metric):\n\n" + "\n".join(tl)
     return out
@@ -77,7 +85,9 @@ def plot(rows: List[Dict[str, Any]], keys: List[str], path: str) -> Optional[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["status"] == "finished" and r["categories"]]
+    finished = [r for r in rows if r["status"] == "finished" and r["categories"]]
+    done = [r for r in finished if not r.get("baseline")]
+    baselines = [r for r in finished if r.get("baseline")]
     if not done or not keys:
         return None
     cats = sorted({c for r in done for c in r["categories"]})
@@ -93,9 +103,14 @@ def plot(rows: List[Dict[str, Any]], keys: List[str], path: str) -> Optional[str
             x = _number(r["values"][key]) if numeric else ticks.index(_value(r["values"][key]))
             for c, s in r["categories"].items():
                 series.setdefault(c + (f" ({label_rest})" if label_rest else ""), []).append((x, s["score"]))
+        colors = {}
         for label, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+            colors.setdefault(label.split(" (")[0], line.get_color())
+        for b in baselines:  # the untrained model: a dashed level per category
+            for c, s in sorted(b["categories"].items()):
+                ax.axhline(s["score"], ls="--", lw=1, color=colors.get(c, "gray"), label=f"{c} ({b['baseline']})")
         if not numeric:
             ax.set_xticks(range(len(ticks)), ticks)
         else:
@@ -131,4 +146,47 @@ def write_results(trials: List[Dict[str, Any]], keys: List[str], out: str, error
         png = plot(rows, keys, os.path.join(out, "results.png"))
         if png:
             paths["png"] = png
+        png = plot_errors(rows, keys, os.path.join(out, "errors.png"))
+        if png:
+            paths["errors_png"] = png
     return paths
+
+
+def error_shares(row: Dict[str, Any]) -> Dict[str, float]:
+    """The paper's error analysis of one row: the share of its agent episodes carrying each label
+    (invalid_format, invalid_action, repetition, turn_limit, ...; an episode can carry several)."""
+    n = sum(v.get("n", 0) for v in row["tasks"].values() if "errors" in v)
+    counts: Dict[str, int] = {}
+    for v in row["tasks"].values():
+        for label, k in v.get("errors", {}).items():
+            counts[label] = counts.get(label, 0) + k
+    return {label: k / n for label, k in sorted(counts.items())} if n else {}
+
+
+def plot_errors(rows: List[Dict[str, Any]], keys: List[str], path: str) -> Optional[str]:
+    """Grouped bars: per error label, the share of agent episodes of each finished row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = {(f"{r['baseline']}" if r.get("baseline") else ", ".join(f"{k}={_value(r['values'][k])}" for k in keys)):
+              error_shares(r) for r in rows if r["status"] == "finished"}
+    shares = {k: v for k, v in shares.items() if v}
+    labels = sorted({lab for v in shares.values() for lab in v})
+    if not labels:
+        return None
+    width = 0.8 / len(shares)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) * max(1, len(shares)) / 2), 4))
+    for i, (name, v) in enumerate(shares.items()):
+        ax.bar([j + i * width for j in range(len(labels))], [v.get(lab, 0.0) for lab in labels], width, label=name)
+    ax.set_xticks([j + width * (len(shares) - 1) / 2 for j in range(len(labels))], labels, rotation=20, ha="right")
+    ax.set_ylabel("share of agent episodes")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("error analysis (episodes can carry several labels)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

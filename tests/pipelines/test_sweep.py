@@ -64,15 +64,25 @@ def test_trials_get_their_own_config_folders_and_stable_ids(tmp_path):
 def test_concurrency_follows_the_cluster(tmp_path, caplog):
     trials = sweep.plan_trials(_cfg(tmp_path))
     fp = [sweep.footprint(t["cfg"]) for t in trials]
-    assert fp[0] == {"CPU": pytest.approx(1.1)}  # 1 training worker × 1 CPU (> Serve's 0.75) + 0.1 for the driver
+    assert fp[0] == {"CPU": pytest.approx(0.85)}  # Serve's 0.75 (> 1 training worker × 0.5 CPU) + 0.1 for the driver
     assert sweep.auto_concurrency(fp, {"CPU": 2.0}) == 1  # the 2-CPU machine: one trial at a time
-    assert sweep.auto_concurrency(fp, {"CPU": 16.0}) == 5
+    assert sweep.auto_concurrency(fp, {"CPU": 16.0}) == 8
     gpu = sweep.plan_trials(_cfg(tmp_path, "scaling.use_gpu=true", "scaling.num_workers=8", "train.global_batch_size=64",
                                  "scaling.resources_per_worker={CPU: 8, GPU: 1}", "serve.num_gpus=1"))
     gfp = [sweep.footprint(t["cfg"]) for t in gpu]
     assert gfp[0] == {"CPU": pytest.approx(64.1), "GPU": 8.0}
     assert sweep.auto_concurrency(gfp, {"CPU": 192.0, "GPU": 16.0}) == 2
     assert sweep.auto_concurrency(gfp, {"CPU": 192.0}) == 1 and "trials wait" in caplog.text
+
+
+def test_a_trial_that_would_starve_its_data_reads_fails_early(tmp_path):
+    cfg = sweep.plan_trials(_cfg(tmp_path, "scaling.resources_per_worker={CPU: 1}"))[0]["cfg"]
+    # 2 CPUs: 1 for the worker + 0.1 for Tune's trial driver leaves 0.9 < 1 for a read task (it hung).
+    with pytest.raises(ConfigError, match="scaling.resources_per_worker.*1 CPU a Ray Data read task"):
+        sweep.check_data_room(cfg, {"CPU": 2.0})
+    sweep.check_data_room(cfg, {"CPU": 3.0})  # room for the reads
+    sweep.check_data_room(cfg, {"CPU": 1.0})  # training itself does not fit yet: waits for the cluster to grow
+    sweep.check_data_room(sweep.plan_trials(_cfg(tmp_path))[0]["cfg"], {"CPU": 2.0})  # sweep_tiny.yaml: 0.5 per worker
 
 
 def _finish(trial, scores, loss):
@@ -107,6 +117,33 @@ def test_finished_trials_are_skipped_and_tabulated(tmp_path):
     assert [sweep.finished(t) for t in trials] == [True, True, True, False]
     with pytest.raises(ConfigError, match="sweep.resume"):
         sweep.main(_cfg(tmp_path, "sweep.resume=false"))
+
+
+def test_baseline_is_the_untrained_model_on_the_same_suite(tmp_path):
+    cfg = _cfg(tmp_path, "sweep.baseline=untuned")
+    trials = sweep.plan_trials(cfg)
+    base, rest = trials[0], trials[1:]
+    assert len(rest) == 4 and base["baseline"] == "untuned" and base["id"].startswith("untuned-")
+    assert base["data"] is None and base["overrides"] == {} and base["cfg"].eval.output_dir == os.path.join(base["dir"], "eval")
+    # Its id follows the model and the suite, not the training schedule.
+    assert sweep.plan_trials(_cfg(tmp_path, "sweep.baseline=untuned", "train.max_steps=21"))[0]["id"] == base["id"]
+    assert sweep.plan_trials(_cfg(tmp_path, "sweep.baseline=untuned", "eval.tasks.db.limit=3"))[0]["id"] != base["id"]
+    for i, t in enumerate(rest):
+        _finish(t, (0.1 * (i + 1), 0.2), 2.0)
+    _finish({**base, "overrides": {"data.eta": None}}, (0.05, 0.0), None)
+    for t, errors in ((base, {"invalid_format": 8, "refusal": 1}), (rest[0], {"invalid_action": 2, "turn_limit": 5})):
+        path = os.path.join(t["dir"], "result.json")
+        res = json.load(open(path))
+        res["tasks"]["db"]["errors"] = errors
+        json.dump(res, open(path, "w"))
+    paths = write_results(trials, ["data.eta", "train.lr"], str(tmp_path / "sweep"), {})
+    md = open(paths["md"]).read()
+    assert f"| {base['id']} | (untuned) | (untuned) | 0.050* |  |  | finished |" in md
+    rows = json.load(open(paths["json"]))["trials"]
+    from pipelines.sweep_results import error_shares
+    assert error_shares(rows[0]) == {"invalid_format": 0.8, "refusal": 0.1}  # of its 10 DB episodes
+    assert error_shares(rows[1]) == {"invalid_action": 0.2, "turn_limit": 0.5} and error_shares(rows[2]) == {}
+    assert os.path.getsize(paths["errors_png"]) > 10_000 and os.path.getsize(paths["png"]) > 10_000
 
 
 # ----------------------------------------------------------------------------- Ray Tune end to end
