@@ -177,7 +177,7 @@ def plot_errors(rows: List[Dict[str, Any]], keys: List[str], path: str) -> Optio
     if not labels:
         return None
     width = 0.8 / len(shares)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) * max(1, len(shares)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(min(11.0, max(6.0, 0.4 * len(labels) * len(shares))), 4))
     for i, (name, v) in enumerate(shares.items()):
         ax.bar([j + i * width for j in range(len(labels))], [v.get(lab, 0.0) for lab in labels], width, label=name)
     ax.set_xticks([j + width * (len(shares) - 1) / 2 for j in range(len(labels))], labels, rotation=20, ha="right")
