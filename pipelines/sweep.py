@@ -324,6 +324,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     errors: Dict[str, str] = {}
     if todo:  # a finished sweep only rewrites its tables: no Ray
         with ray_session():
+            for t in todo:  # before any data job or trial starts
+                if not t.get("baseline"):
+                    check_data_room(t["cfg"], ray.cluster_resources())
             build_data(todo)
             for t in todo:
                 os.makedirs(t["dir"], exist_ok=True)
@@ -342,9 +345,6 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 def _tune(cfg: DictConfig, todo: List[Dict[str, Any]], out: str) -> Dict[str, str]:
     """Run `todo` on Ray Tune; returns {trial id: error} for the failed ones."""
     s = cfg.sweep
-    for t in todo:
-        if not t.get("baseline"):
-            check_data_room(t["cfg"], ray.cluster_resources())
     conc = s.max_concurrent_trials or auto_concurrency([footprint(t["cfg"]) for t in todo], ray.cluster_resources())
     log.info("sweep %s: %d trial(s) to run, at most %d at once, each reserving %s for its driver",
              s.name, len(todo), conc, dict(s.trial_resources))
