@@ -165,14 +165,21 @@ def finished(trial: Dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------- resources
 
 
-def footprint(cfg: DictConfig) -> Dict[str, float]:
-    """One trial's peak resources: its driver's reservation plus the larger of its training workers
-    and its Serve replicas (model + rollout); stages run one after the other."""
-    s, sv = cfg.scaling, cfg.serve
+def training_resources(cfg: DictConfig) -> Dict[str, float]:
+    """What a trial's training workers reserve together (1 CPU per worker, and 1 GPU with use_gpu,
+    when resources_per_worker does not say)."""
+    s = cfg.scaling
     per_worker = {str(k): float(v) for k, v in s.resources_per_worker.items()} or {"CPU": 1.0}
     if s.use_gpu:
         per_worker.setdefault("GPU", 1.0)
-    train = {k: v * s.num_workers for k, v in per_worker.items()}
+    return {k: v * s.num_workers for k, v in per_worker.items()}
+
+
+def footprint(cfg: DictConfig) -> Dict[str, float]:
+    """One trial's peak resources: its driver's reservation plus the larger of its training workers
+    and its Serve replicas (model + rollout); stages run one after the other."""
+    sv = cfg.serve
+    train = training_resources(cfg)
     replicas = sv.autoscaling.max_replicas if sv.autoscaling is not None else sv.num_replicas
     serve = {"CPU": replicas * sv.num_cpus + sv.rollout.num_replicas * sv.rollout.num_cpus,
              "GPU": replicas * sv.num_gpus}
@@ -203,14 +210,13 @@ def check_data_room(cfg: DictConfig, cluster: Dict[str, float]) -> None:
     """Fail before any trial starts when a trial's training would fit the cluster but starve its
     own Ray Data reads: the workers and Tune's reservation for the trial driver leave less than the
     1 CPU a read task takes, and training waits forever for its first batch."""
-    s = cfg.scaling
-    per_worker = float(s.resources_per_worker.get("CPU", 0.0 if s.resources_per_worker else 1.0))
-    train = s.num_workers * per_worker + float(cfg.sweep.trial_resources.get("CPU", 0.0))
+    workers = training_resources(cfg).get("CPU", 0.0)
+    train = workers + float(cfg.sweep.trial_resources.get("CPU", 0.0))
     total = float(cluster.get("CPU", 0.0))
     if train <= total < train + 1.0:
         raise ConfigError(
-            f"config key 'scaling.resources_per_worker': a trial's training workers ({s.num_workers} x {per_worker:g} "
-            f"CPU) and its driver's reservation (sweep.trial_resources) take {train:g} of the cluster's {total:g} CPUs, "
+            f"config key 'scaling.resources_per_worker': a trial's training workers ({workers:g} CPU in all) "
+            f"and its driver's reservation (sweep.trial_resources) take {train:g} of the cluster's {total:g} CPUs, "
             "leaving less than the 1 CPU a Ray Data read task needs, so training would wait forever for data; reserve "
             "less per worker (e.g. scaling.resources_per_worker={CPU: 0.5}: the worker still computes on "
             "train.torch_threads threads) or run on a larger cluster")
