@@ -263,10 +263,12 @@ def run_trial(trial: Dict[str, Any]) -> Dict[str, Any]:
     # Only this trial's checkpoint: the config's own eval.policies (baselines) are replaced.
     report = eval_job.main(with_updates(cfg, {"eval.policies": {trial["policy"]: policy}}, merge=False))
     mine = report["policies"][trial["policy"]]
-    manifest: Dict[str, Any] = {}
+    data: Dict[str, Any] = {}  # a baseline has none
     if not trial.get("baseline"):
         with open(os.path.join(cfg.data.output_dir, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
+        data = {"dir": cfg.data.output_dir, "eta_actual": manifest.get("eta_actual"), "num_rows": manifest.get("num_rows"),
+                "epochs": {k: v.get("epochs") for k, v in manifest.get("sources", {}).items()}}
     result = {
         "trial": trial["id"], "overrides": trial["overrides"], "status": "finished",
         "categories": {c: {"score": v["score"], "partial": v.get("partial", False)} for c, v in mine["categories"].items()},
@@ -274,9 +276,7 @@ def run_trial(trial: Dict[str, Any]) -> Dict[str, Any]:
         "tasks": {t: {k: v[k] for k in ("score", "paper_score", "success_rate", "n", "errors") if k in v}
                   for t, v in mine["tasks"].items() if "not_applicable" not in v},
         "train": _train_summary(run_directory), "checkpoint": checkpoint,
-        "data": {} if trial.get("baseline") else {"dir": cfg.data.output_dir, "eta_actual": manifest.get("eta_actual"),
-                 "num_rows": manifest.get("num_rows"),
-                 "epochs": {k: v.get("epochs") for k, v in manifest.get("sources", {}).items()}},
+        "data": data,
         "report": os.path.join(cfg.eval.output_dir, "report.json"), "wall_s": round(time.time() - t0, 1),
     }
     _atomic_json(result, os.path.join(trial["dir"], RESULT))
