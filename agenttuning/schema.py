@@ -322,7 +322,7 @@ class EvalTaskConfig:
     path: Optional[str] = None  # task file; None = the environment's default data
     split: Optional[str] = None  # one split of the task file
     category: str = "held_in"  # held_in | held_out | general (any name groups tasks)
-    limit: Optional[int] = None  # evaluate the first N tasks only
+    limit: Optional[int] = None  # evaluate N tasks only: the first N, or a seeded sample (eval.sample_seed)
     options: Dict[str, Any] = field(default_factory=dict)  # environment options (max_turns, ...)
     success_threshold: float = 1.0  # reward at which an episode counts as a success
 
@@ -339,7 +339,7 @@ class GeneralTaskConfig:
     kind: GeneralKind = MISSING
     path: str = MISSING  # jsonl file of the task (mtbench: question.jsonl)
     category: str = "general"  # report category
-    limit: Optional[int] = None  # evaluate the first N records only
+    limit: Optional[int] = None  # evaluate N records only: the first N, or a seeded sample (eval.sample_seed)
     # Shots: mc dev questions of the subject (None = 5); math chain-of-thought exemplars of Wei et al. (None = 8)
     few_shot: Optional[int] = None
     # mc: dev questions jsonl (subject, question, choices, answer); None = mmlu_dev.jsonl beside `path`
@@ -368,6 +368,10 @@ class EvalConfig:
     policies: Dict[str, PolicyConfig] = field(default_factory=dict)
     concurrency: int = 8  # episodes in flight
     limit: Optional[int] = None  # evaluate the first N items of every task without its own limit (quick runs)
+    # With a seed, every limit (eval.limit and the tasks' own) picks a seeded random N, kept in file
+    # order and the same for every policy and run, instead of the first N: benchmark files are sorted
+    # (MMLU by subject, MiniWoB++ by task), so a first-N cut can be a single subject or task.
+    sample_seed: Optional[int] = None
     # W_t per task on the paper's scale (the mean score of a reference pool of models on task t):
     # a category's overall = mean over its tasks of paper_score_t / W_t (AgentTuning's formula).
     # Empty: the paper's implied W from paper_table.

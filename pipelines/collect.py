@@ -226,14 +226,15 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     preps = {t.name: ci.prepare(t, teacher, out_dir, exclude) for t in c.tasks}
     ref = reference(c)
     rollout_tasks = [EvalTaskConfig(name=t.name, env=t.env, path=preps[t.name]["path"], split=preps[t.name]["split"],
-                                    limit=t.instructions.limit, options=to_dict(t.options)) for t in c.tasks]
+                                    options=to_dict(t.options)) for t in c.tasks]
     app = None
     with ray_session():
         try:
             app = deploy(cfg, rollout_tasks, teacher)
             handle = serve.get_deployment_handle("RolloutServer", app_name=app)
             listings = {t.name: handle.task_ids.remote(t.name).result() for t in c.tasks}
-            listings = {k: {"ids": [str(i) for i in v["ids"]], "skipped": v["skipped"]} for k, v in listings.items()}
+            listings = {t.name: {"ids": [str(i) for i in listings[t.name]["ids"]][:t.instructions.limit],
+                                 "skipped": listings[t.name]["skipped"]} for t in c.tasks}
             episodes, errors = collect_episodes(cfg, handle, listings, out_dir)
         finally:
             if app is not None and c.teardown:
@@ -243,7 +244,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
         lst = listings[t.name]
         n = counts[t.name] = {k: 0 for k in COUNTS}
         n["instructions"] = ci.instruction_count(preps[t.name], lst)
-        n["validated"] = ci.validated_count(lst, t.instructions.limit)
+        n["validated"] = len(lst["ids"])  # the task file's valid instructions, limit applied
         gen = preps[t.name]["generated"]
         n["tokens_in"], n["tokens_out"] = int(gen.get("tokens_in", 0)), int(gen.get("tokens_out", 0))
         kept = filter_task(t, lst["ids"], episodes, errors, ref, c, n)

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Set
 
 from agenttuning.config import ConfigError
 from agenttuning.schema import PolicyConfig
@@ -227,6 +227,3 @@ def instruction_count(prep: Dict[str, Any], listing: Dict[str, Any]) -> int:
     return len(listing["ids"]) + len(listing.get("skipped") or {})
 
 
-def validated_count(listing: Dict[str, Any], limit: Optional[int]) -> int:
-    n = len(listing["ids"])
-    return min(n, limit) if limit else n

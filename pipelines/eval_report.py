@@ -156,8 +156,8 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
             note = f"missing {', '.join(v['missing'])}" if v["missing"] else "complete"
             lines.append(f"\n- {c}: {v['formula']}; {note}; W: "
                          + ", ".join(f"{t} {w:g}" if w else f"{t} –" for t, w in v["reference"].items()))
-    lines += ["\n## Tasks\n", "| task | category | metric | " + " | ".join(f"{p} (n)" for p in pols) + " | "
-              + " | ".join(models) + " |", "|---|---|---|" + "---|" * (len(pols) + len(models))]
+    head = ["task", "category", "metric"] + [f"{p} (n)" for p in pols] + list(models)
+    lines += ["\n## Tasks\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, cat in report["categories"].items():
         metric = next((report["policies"][p]["tasks"][t].get("metric", "") for p in pols
                        if t in report["policies"][p]["tasks"]), "")

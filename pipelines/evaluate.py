@@ -31,6 +31,7 @@ from pipelines import eval_report as rep
 from pipelines.episodes import EpisodeStore, run_episodes
 from pipelines.general_client import endpoint_for_policy, judge_endpoint
 from pipelines.general_eval import load_task, not_applicable, score_task
+from pipelines.scorers import subset
 from serve.app import build_llm_app, build_rollout_app
 from serve.eft import build_eft_app
 from serve.lifecycle import start_serve
@@ -107,7 +108,7 @@ def run_agent_tasks(cfg: DictConfig, policies: Dict[str, PolicySpec], out_dir: s
             log.warning("task %s unavailable: %s", t.name, unavailable[t.name])
             continue
         limit = t.limit if t.limit is not None else cfg.eval.limit
-        ids[t.name] = [str(i) for i in listing["ids"]][:limit]
+        ids[t.name] = subset([str(i) for i in listing["ids"]], limit, cfg.eval.sample_seed)
         skipped[t.name] = listing["skipped"]
     jobs = [{"policy": p, "task": t, "task_id": i} for p in policies for t in ids for i in ids[t]
             if (p, t, i) not in done]
@@ -138,9 +139,9 @@ def run_general(cfg: DictConfig, policies: Dict[str, PolicySpec]) -> Dict[str, D
     if not cfg.eval.general:
         return out
     general = to_object(cfg.eval.general)
-    for g in general:  # eval.limit: the first N items of every task without its own limit
+    for g in general:  # eval.limit: N items of every task without its own limit
         g.limit = g.limit if g.limit is not None else cfg.eval.limit
-    tasks = [load_task(g, i) for i, g in enumerate(general)]
+    tasks = [load_task(g, i, cfg.eval.sample_seed) for i, g in enumerate(general)]
     judges = {t.cfg.name: judge_endpoint(t.cfg.judge) for t in tasks if t.cfg.kind == "mtbench"}
 
     def one_policy(name: str, spec: PolicySpec) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 from pipelines import mtbench
 from pipelines.general_client import Endpoint, EndpointError
 from pipelines.general_code import score_code
-from pipelines.scorers import RecordError, read_jsonl, score_loglik, score_math, score_mc, shots_by_subject
+from pipelines.scorers import RecordError, read_jsonl, score_loglik, score_math, score_mc, shots_by_subject, subset
 from serve.envs.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
@@ -66,15 +66,16 @@ def load_dev(g: Any, key: str) -> tuple:
                           "point shots_path at a dev jsonl (agenttuning general writes one)") from None
 
 
-def load_task(g: Any, index: int) -> GeneralTask:
-    """Read the task's data (records, shots, judge prompts); bad data raises naming the file."""
+def load_task(g: Any, index: int, sample_seed: Optional[int] = None) -> GeneralTask:
+    """Read the task's data (records, shots, judge prompts); bad data raises naming the file.
+    ``g.limit`` records: the first ones, or with ``sample_seed`` a seeded sample (``subset``)."""
     key = f"eval.general.{index}"
     if not os.path.isfile(g.path):
         raise RecordError(f"config key '{key}.path': {g.path} is not a file")
     if g.kind == "mtbench":
-        return GeneralTask(g, mtbench.load_questions(g.path, g.limit), prompts=mtbench.load_judge_prompts(
+        return GeneralTask(g, subset(mtbench.load_questions(g.path), g.limit, sample_seed), prompts=mtbench.load_judge_prompts(
             g.judge_prompts_path), references=mtbench.load_references(g.reference_path))
-    task = GeneralTask(g, read_jsonl(g.path, g.limit))
+    task = GeneralTask(g, subset(read_jsonl(g.path), g.limit, sample_seed))
     if g.kind == "mc":
         task.shots = MMLU_SHOTS if g.few_shot is None else int(g.few_shot)
         if task.shots:

@@ -28,6 +28,7 @@ an index or a letter; math gold: ``answer`` | ``target`` | ``solution``; MMLU su
 
 import logging
 import math
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,6 +57,16 @@ def read_jsonl(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def subset(items: List[Any], n: Optional[int], seed: Optional[int] = None) -> List[Any]:
+    """At most ``n`` of ``items``: the first n, or with ``seed`` a seeded random n kept in their order
+    (benchmark files are sorted by subject or task, so a first-n cut can be one subject or one task)."""
+    if n is None or n >= len(items):
+        return list(items)
+    if seed is None:
+        return list(items[:n])
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def _first(rec: Dict[str, Any], keys: Sequence[str], where: str) -> Any:

@@ -357,13 +357,10 @@ class RolloutServer:
         return self._policies[name]
 
     async def task_ids(self, task: str) -> Dict[str, Any]:
-        """Runnable task ids of a configured task (its split/limit applied) and skipped ones."""
+        """Runnable task ids of a configured task (its split applied; callers apply their limit) and
+        skipped ones."""
         env = await asyncio.to_thread(self._env, task)
-        t = self.task_cfgs[task]
-        ids = env.tasks(t.split)
-        if t.limit:
-            ids = ids[: t.limit]
-        return {"ids": ids, "skipped": dict(env.skipped)}
+        return {"ids": env.tasks(self.task_cfgs[task].split), "skipped": dict(env.skipped)}
 
     async def run(self, task: str, task_id: str, policy: str,
                   demo: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:

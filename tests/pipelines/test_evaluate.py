@@ -117,6 +117,8 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     out = tmp_path / "eval"
     md = (out / "report.md").read_text()
     assert "expert (n)" in md and "tiny (n)" in md and "invalid_format" in md
+    head, sep = md.split("## Tasks\n")[1].strip().splitlines()[:2]
+    assert head == "| task | category | metric | expert (n) | tiny (n) |" and sep.count("|") == head.count("|")
     assert (out / "report.png").stat().st_size > 1000
     lines = (out / "trajectories.jsonl").read_text().splitlines()
     assert len(lines) == 18 and {json.loads(l)["policy"] for l in lines} == {"expert", "tiny"}
@@ -132,6 +134,18 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     again = main(_cfg(tmp_path, tiny_model_dir, bench_data, deploy=False))
     assert again["episodes_run"] == 0 and again["episodes_resumed"] == 18
     assert again["policies"]["tiny"]["tasks"]["db"] == tiny["tasks"]["db"]
+    # eval.sample_seed: each limit picks a seeded sample of the task file (in file order), not its first N.
+    import serve.envs
+    from pipelines.scorers import subset
+
+    (tmp_path / "seeded").mkdir()
+    seeded = main(_cfg(tmp_path / "seeded", tiny_model_dir, bench_data, deploy=False, sample_seed=3,
+                       policies={"expert": {"kind": "expert"}}))
+    db_ids = [str(i) for i in serve.envs.load("db", str(bench_data / "agentbench/dbbench_dev.jsonl")).tasks()]
+    ran = [json.loads(l) for l in (tmp_path / "seeded/eval/trajectories.jsonl").read_text().splitlines()]
+    picked = [str(ep["task_id"]) for ep in ran if ep["task"] == "db"]
+    assert sorted(picked, key=db_ids.index) == subset(db_ids, 6, 3) != db_ids[:6]
+    assert seeded["policies"]["expert"]["tasks"]["db"]["n"] == 6 and seeded["policies"]["expert"]["tasks"]["os"]["n"] == 3
     from ray import serve
 
     serve.delete("llm-tiny")

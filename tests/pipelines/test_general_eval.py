@@ -66,6 +66,12 @@ def test_load_task_resolves_shots_and_defaults(general_dir, tmp_path):
     assert len(t.records) == 3 and t.shots == 8
     t = load_task(mt, 2)
     assert len(t.records) == 80 and "single-math-v1-multi-turn" in t.prompts and len(t.references) == 30
+    # MT-Bench is sorted by category: its first 8 questions are all writing; a seeded 8 spans categories.
+    mt.limit = 8
+    assert {q["category"] for q in load_task(mt, 2).records} == {"writing"}
+    seeded = load_task(mt, 2, sample_seed=0).records
+    assert len(seeded) == 8 and len({q["category"] for q in seeded}) >= 4
+    assert [q["question_id"] for q in seeded] == sorted(q["question_id"] for q in seeded)
     # Elsewhere, without a dev file beside it: the hub (offline in tests) → an error naming the key.
     alone = tmp_path / "mmlu.jsonl"
     alone.write_text((general_dir / "mmlu_eval.jsonl").read_text())

@@ -28,6 +28,7 @@ from pipelines.scorers import (
     score_math,
     score_mc,
     shots_by_subject,
+    subset,
 )
 
 MC = [
@@ -270,3 +271,12 @@ def test_read_jsonl_names_bad_line(tmp_path):
     with pytest.raises(RecordError, match=r"x.jsonl:3"):
         read_jsonl(str(p))
     assert len(read_jsonl(str(p), limit=1)) == 1
+
+
+def test_subset_is_first_n_or_a_seeded_sample_in_order():
+    items = list(range(20))
+    assert subset(items, None) == items and subset(items, 50, seed=1) == items
+    assert subset(items, 5) == [0, 1, 2, 3, 4]
+    picked = subset(items, 5, seed=7)
+    assert picked == sorted(picked) and len(set(picked)) == 5 and picked != items[:5]
+    assert subset(items, 5, seed=7) == picked and subset(items, 5, seed=8) != picked
