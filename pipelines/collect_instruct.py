@@ -225,5 +225,3 @@ def instruction_count(prep: Dict[str, Any], listing: Dict[str, Any]) -> int:
     if "candidates" in gen:
         return int(gen["candidates"])
     return len(listing["ids"]) + len(listing.get("skipped") or {})
-
-
