@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 CONFIG_SECTIONS = ('model', 'eval', 'serve', 'wandb')  # what `--help` lists
 
 TRAJECTORIES = "trajectories.jsonl"
+# The number each general kind reports, as the report's metric column names it.
+GENERAL_METRICS = {"mc": "accuracy", "math": "accuracy", "code": "pass@1", "mtbench": "rating_1_10",
+                   "loglik": "token_probability"}
 
 
 # ----------------------------------------------------------------------------- policies / apps
@@ -220,6 +223,7 @@ def build_report(cfg: DictConfig, policies: Dict[str, PolicySpec], run: Dict[str
             # The paper's scale: percentages, MT-Bench its 1-10 rating as is.
             kind = next((str(x.kind) for x in cfg.eval.general if x.name == g), "")
             tasks[g].setdefault("paper_score", tasks[g].get("score", 0.0) * (1.0 if kind == "mtbench" else 100.0))
+            tasks[g].setdefault("metric", GENERAL_METRICS.get(kind, kind))
         scored = {t: s for t, s in tasks.items() if "not_applicable" not in s}
         report["policies"][p] = {"kind": str(policies[p].config.kind), "tasks": tasks,
                                  "categories": rep.category_scores(scored, categories, reference, expected)}

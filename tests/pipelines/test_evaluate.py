@@ -113,6 +113,7 @@ def test_expert_vs_untrained_side_by_side(ray_local, serve_down, tiny_model_dir,
     assert "general" in tiny["categories"]
     # Code (HumanEval) likewise: 8 tokens of an untrained model cannot pass the tests.
     assert tiny["tasks"]["humaneval"]["n"] == 2 and tiny["tasks"]["humaneval"]["score"] == 0.0
+    assert (tiny["tasks"]["gsm"]["metric"], tiny["tasks"]["humaneval"]["metric"]) == ("accuracy", "pass@1")
     assert "not_applicable" in expert["tasks"]["humaneval"]
     out = tmp_path / "eval"
     md = (out / "report.md").read_text()

@@ -100,6 +100,6 @@ def test_end_to_end_on_the_tiny_model(ray_local, bench_data, tiny_model_dir, tmp
         assert tasks["db"]["n"] == 3 and tasks["mmlu"]["n"] == 4 and tasks["gsm_likelihood"]["n"] == 2
         assert 0.0 < tasks["gsm_likelihood"]["score"] < 1.0 and tasks["gsm_likelihood"]["tokens"] > 20
     printed = capsys.readouterr().out
-    assert "| db | held_in | success rate |" in printed and "| gsm_likelihood | general |" in printed
+    assert "| db | held_in | success rate |" in printed and "| gsm_likelihood | general | token_probability |" in printed
     assert (out / "results.md").read_text().count("| db |") == 3
     assert set(summary["timings_s"]) == set(run.STAGES)
