@@ -38,9 +38,10 @@ REFERENCES = "mt_bench/reference_answer_gpt-4.jsonl"
 ChatFn = Callable[[List[Dict[str, str]], float, int], str]  # (messages, temperature, seed) -> reply
 
 
-def load_questions(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    """MT-Bench questions ({question_id, category, turns}); each must have two turns."""
-    out = read_jsonl(path, limit)
+def load_questions(path: str) -> List[Dict[str, Any]]:
+    """MT-Bench questions ({question_id, category, turns}); each must have two turns (the eval's
+    limit is applied by its caller, ``general_eval.load_task``)."""
+    out = read_jsonl(path)
     for i, q in enumerate(out):
         for key in ("question_id", "category", "turns"):
             if key not in q:
